@@ -1,0 +1,235 @@
+"""The one WebDataset pipeline every trainer and evaluator reads through.
+
+Order of work inside each data-loader worker:
+  shard list (deterministic shuffle by seed + epoch, or weighted resampling)
+  -> split by node and by worker (explicit, by global worker index)
+  -> tar members grouped into raw samples (webdataset)
+  -> sample shuffle buffer (seeded by seed, epoch, worker)
+  -> skip what a resumed run already consumed (raw bytes, before any decoding)
+  -> task's sample map (decode, transform; a corrupt sample raises SampleError and is counted)
+  -> batches, each carrying the worker's position and its corrupt-sample counts.
+
+Resume: every batch carries (worker, epoch, raw samples consumed). The main process keeps the newest
+position per worker and the number of batches taken; a loader started from that state skips the raw
+samples already consumed and rotates worker roles so batches arrive in the same order as in the
+uninterrupted run (torch's DataLoader takes batches round-robin from its workers, starting at 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mm.errors import DataError
+
+
+class SampleError(Exception):
+    """Raised by a sample map for a sample that cannot be used; `kind` names the problem for counts."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+SampleMap = Callable[[dict, random.Random], dict]
+Collate = Callable[[list[dict]], dict]
+
+
+def expand_sources(urls: str) -> list[list[str]]:
+    """'a/{0..3}.tar::b/x.tar' -> [[a/0.tar, ..., a/3.tar], [b/x.tar]] (brace patterns, pipe:, http)."""
+    sources = [wds.shardlists.expand_urls(part) for part in urls.split("::") if part.strip()]
+    if not sources or not all(sources):
+        raise DataError(f"no shards in {urls!r}")
+    return sources
+
+
+@dataclasses.dataclass
+class StreamSpec:
+    """What a pipeline reads and how; identical on every rank apart from `rank`."""
+
+    urls: str
+    sample_map: SampleMap
+    collate: Collate
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    repeat: bool = True  # True: endless stream of epochs (training); False: one pass (evaluation)
+    resampled: bool = False
+    weights: list[float] = dataclasses.field(default_factory=list)
+    drop_last: bool = True  # only for one-pass streams; endless streams always give full batches
+
+
+def _rng(*parts: int) -> random.Random:
+    # A tuple hash of ints is stable across processes (no string hashing, so PYTHONHASHSEED is moot).
+    return random.Random(hash(tuple(parts)))
+
+
+class _Stream(IterableDataset):
+    def __init__(self, spec: StreamSpec, start: dict[int, tuple[int, int]], rotation: int, bad: Counter):
+        self.spec = spec
+        self.sources = expand_sources(spec.urls)
+        self.start = start  # logical worker -> (epoch, raw samples consumed)
+        self.rotation = rotation
+        self.initial_bad = bad
+        if spec.weights and len(spec.weights) != len(self.sources):
+            raise DataError(f"{len(spec.weights)} weights for {len(self.sources)} sources in {spec.urls!r}")
+        if spec.weights and not spec.resampled:
+            raise DataError("weighted mixing of sources needs data.resampled: true")
+        n_shards = sum(len(s) for s in self.sources)
+        workers = spec.world_size * max(1, spec.num_workers)
+        if spec.repeat and not spec.resampled and n_shards < workers:
+            raise DataError(
+                f"{n_shards} shard(s) in {spec.urls!r} for {spec.world_size} rank(s) x "
+                f"{max(1, spec.num_workers)} worker(s): write at least {workers} shards (mm-shards --shard-size)"
+            )
+
+    def _shards(self, epoch: int, worker: int, n_workers: int) -> list[str]:
+        spec = self.spec
+        if spec.resampled:
+            weights = spec.weights or [1.0] * len(self.sources)
+            flat = [(u, w / len(src)) for src, w in zip(self.sources, weights) for u in src]
+            count = max(1, len(flat) // n_workers)
+            rng = _rng(spec.seed, epoch, worker, 1)
+            return rng.choices([u for u, _ in flat], weights=[w for _, w in flat], k=count)
+        flat = [u for src in self.sources for u in src]
+        _rng(spec.seed, epoch).shuffle(flat)
+        return flat[worker::n_workers]
+
+    def _samples(self, urls: list[str], bad: Counter) -> Iterator[dict]:
+        def count_and_continue(exn: Exception) -> bool:
+            bad["unreadable_tar"] += 1
+            return True
+
+        yield from wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=count_and_continue)
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        size = self.spec.shuffle_buffer
+        if size <= 1:
+            yield from samples
+            return
+        buf: list[dict] = []
+        for sample in samples:
+            buf.append(sample)
+            if len(buf) >= size:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        spec = self.spec
+        info = get_worker_info()
+        n_local = info.num_workers if info else 1
+        physical = info.id if info else 0
+        local = (physical + self.rotation) % n_local
+        worker = spec.rank * n_local + local  # global logical worker index
+        n_workers = spec.world_size * n_local
+        epoch, skip = self.start.get(worker, (0, 0))
+        bad = Counter(self.initial_bad.get(worker, {}))
+        batch: list[dict] = []
+        while True:
+            consumed = 0
+            stream = self._shuffled(self._samples(self._shards(epoch, worker, n_workers), bad),
+                                    _rng(spec.seed, epoch, worker, 2))
+            for raw in stream:
+                consumed += 1
+                if consumed <= skip:
+                    continue
+                sample_rng = _rng(spec.seed, epoch, worker, consumed)
+                torch.manual_seed(sample_rng.getrandbits(63))  # torchvision's random transforms
+                try:
+                    batch.append(spec.sample_map(raw, sample_rng))
+                except SampleError as e:
+                    bad[e.kind] += 1
+                    bad["total"] += 1
+                    continue
+                if len(batch) == spec.batch_size:
+                    out = spec.collate(batch)
+                    out["__pos__"] = (worker, epoch, consumed, dict(bad))
+                    yield out
+                    batch = []
+            skip = 0
+            if not spec.repeat:
+                if batch and not spec.drop_last:
+                    out = spec.collate(batch)
+                    out["__pos__"] = (worker, epoch, consumed, dict(bad))
+                    yield out
+                return
+            if consumed == 0:
+                raise DataError(f"worker {worker} read no samples from its shards of {spec.urls!r}")
+            epoch += 1
+
+
+class Loader:
+    """Iterates batches from a StreamSpec and keeps the state needed to resume exactly.
+
+    `state_dict()` after k batches, passed to a new Loader, yields batch k+1 onwards.
+    `max_bad_fraction` stops a run whose data is mostly corrupt instead of training on nothing.
+    """
+
+    def __init__(self, spec: StreamSpec, state: dict | None = None, max_bad_fraction: float = 1.0,
+                 min_samples_for_check: int = 200):
+        self.spec = spec
+        state = state or {}
+        self.batches = int(state.get("batches", 0))
+        self.positions: dict[int, tuple[int, int]] = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
+        self.bad: dict[int, dict] = {int(k): dict(v) for k, v in state.get("bad", {}).items()}
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples_for_check = min_samples_for_check
+        self.good = int(state.get("good", 0))
+        n_local = max(1, spec.num_workers)
+        stream = _Stream(spec, dict(self.positions), self.batches % n_local, Counter())
+        stream.initial_bad = {w: Counter(c) for w, c in self.bad.items()}
+        self.loader = DataLoader(stream, batch_size=None, num_workers=spec.num_workers,
+                                 persistent_workers=False, prefetch_factor=4 if spec.num_workers else None)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            worker, epoch, consumed, bad = batch.pop("__pos__")
+            self.batches += 1
+            self.positions[worker] = (epoch, consumed)
+            self.bad[worker] = bad
+            self.good += self.spec.batch_size
+            self._check_bad_share()
+            yield batch
+
+    @property
+    def bad_counts(self) -> dict[str, int]:
+        """Corrupt samples skipped so far on this rank, per kind, with 'total'."""
+        total: Counter = Counter()
+        for counts in self.bad.values():
+            total.update(counts)
+        return dict(total)
+
+    def _check_bad_share(self) -> None:
+        bad = self.bad_counts.get("total", 0)
+        seen = bad + self.good
+        if seen >= self.min_samples_for_check and bad / seen > self.max_bad_fraction:
+            kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.bad_counts.items()) if k != "total")
+            raise DataError(
+                f"{bad} of {seen} samples in {self.spec.urls!r} are unusable ({kinds}), more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}"
+            )
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "positions": dict(self.positions), "bad": dict(self.bad),
+                "good": self.good}
+
+
+def default_collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack tensors, keep everything else (keys, metadata) as lists."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out

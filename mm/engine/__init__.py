@@ -1,0 +1,1 @@
+"""The DeepSpeed engine shared by every task: training loop, checkpoints, export, launch CLI."""

@@ -1,0 +1,196 @@
+"""The one DeepSpeed training loop every task runs on."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mm.config import config_json, save_config
+from mm.engine import checkpoint
+from mm.engine.ds_config import build_ds_config
+from mm.engine.logger import MetricsLogger
+from mm.errors import UserError
+from mm.tasks.base import Task
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher set up, or make a one-rank group for a plain `python` run."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        # Without these DeepSpeed looks for an MPI launcher (mpi4py) instead of running alone.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(verbose=False)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on gains, biases, embeddings of rank < 2 and the temperature (as open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "bias" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _gather_object(obj: Any) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def train(task: Task, cfg: Any) -> dict[str, Any]:
+    """Train `task` with `cfg` to cfg.train.steps optimizer steps, resuming from out_dir if possible.
+
+    Returns the last logged values, the evaluation metrics and the export path (on every rank).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
+    if rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.yaml")
+        except OSError as e:
+            raise UserError(f"train.out_dir: cannot write to {out_dir} ({e.strerror})") from None
+    dist.barrier()
+
+    # Same seed on every rank: the model must start identical everywhere (ZeRO-3 partitions it as built).
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    model = task.build_model(cfg)
+    on_gpu = get_accelerator().device_name() != "cpu"
+    ds_config = build_ds_config(tc.deepspeed_config, cfg.data.batch_size, tc.grad_accum, tc.grad_clip,
+                                tc.precision, world, on_gpu)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, tc.steps, cfg.optim.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+
+    client = checkpoint.resume(engine, out_dir, task.name, world) if tc.resume else None
+    step = int(client["step"]) if client else 0
+    data_state = client["data"][rank] if client else None
+    if client:
+        _set_rng_state(client["rng"][rank])
+    else:
+        # Dropout and other model randomness differ per rank, as in any data-parallel run.
+        torch.manual_seed(tc.seed * 1000 + rank + 1)
+
+    loader = task.batches(cfg, "train", rank=rank, world_size=world, state=data_state)
+    logger = MetricsLogger(out_dir, enabled=rank == 0)
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=tc.steps, initial=step, desc=f"{task.name}", unit="step", dynamic_ncols=True)
+
+    def save_checkpoint() -> str:
+        state = {"step": step, "data": _gather_object(loader.state_dict()), "rng": _gather_object(_rng_state())}
+        return checkpoint.save(engine, out_dir, step, state, tc.keep_checkpoints, task.name, world)
+
+    sums: dict[str, float] = {}
+    n_micro, t0, last_logged, last_tag = 0, time.time(), {}, None
+    if step < tc.steps:
+        engine.train()
+        for batch in loader:
+            losses = task.losses(engine, _to_device(batch, engine.device))
+            engine.backward(losses["loss"])
+            engine.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float())
+            n_micro += 1
+            if engine.global_steps == step:  # still accumulating gradients
+                continue
+            step = engine.global_steps
+            if progress:
+                progress.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                values = _mean_over_ranks({k: v / n_micro for k, v in sums.items()})
+                elapsed = time.time() - t0
+                values["lr"] = scheduler.get_last_lr()[0]
+                values["samples_per_s"] = n_micro * cfg.data.batch_size * world / max(elapsed, 1e-9)
+                bad = _mean_over_ranks({"bad": float(loader.bad_counts.get("total", 0))})["bad"] * world
+                values["bad_samples"] = bad
+                logger.log(step, values)
+                if progress:
+                    progress.set_postfix(loss=f"{values['loss']:.4f}")
+                last_logged, sums, n_micro, t0 = values, {}, 0, time.time()
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                logger.log(step, task.evaluate(engine.module, cfg))
+                engine.train()
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+                last_tag = save_checkpoint()
+            if step >= tc.steps:
+                break
+        last_tag = save_checkpoint()
+    else:
+        last_tag = checkpoint.latest_tag(out_dir)
+    if progress:
+        progress.close()
+
+    export_path = out_dir / "export" / "model.safetensors"
+    if rank == 0:
+        checkpoint.export_safetensors(out_dir, last_tag, export_path,
+                                      {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step)})
+    dist.barrier()
+    evaluation = task.evaluate(engine.module, cfg)
+    if evaluation:
+        logger.log(step, evaluation)
+    logger.close()
+    bad_counts = loader.bad_counts
+    return {"step": step, "last": last_logged, "eval": evaluation, "export": str(export_path),
+            "bad_counts": bad_counts}

@@ -1,0 +1,1 @@
+"""Training losses shared by the task trainers."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics: zero-shot classification/retrieval and binary segmentation."""

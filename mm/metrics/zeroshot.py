@@ -1,0 +1,91 @@
+"""Zero-shot classification as CLIP_benchmark does it: prompt-ensembled class embeddings, 100 x cos."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor],
+                     tokenizer: Callable[[list[str]], torch.Tensor],
+                     classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
+                     ) -> torch.Tensor:
+    """(embed_dim, n_classes): per class, embed every filled template, normalise, average, renormalise."""
+    weights = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        emb = F.normalize(encode_text(tokens).float(), dim=-1).mean(0)
+        weights.append(F.normalize(emb, dim=0))
+    return torch.stack(weights, dim=1)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, float]:
+    """acc1, acc5 (only with >= 5 classes) and mean per-class recall, as CLIP_benchmark reports them."""
+    pred = logits.argmax(1)
+    out = {"acc1": (pred == labels).float().mean().item()}
+    if n_classes >= 5:
+        top5 = logits.topk(5, dim=1).indices
+        out["acc5"] = (top5 == labels[:, None]).any(1).float().mean().item()
+    recalls = [(pred[labels == c] == c).float().mean().item() for c in range(n_classes) if (labels == c).any()]
+    out["mean_per_class_recall"] = sum(recalls) / len(recalls)
+    return out
+
+
+@torch.no_grad()
+def zero_shot_logits(encode_image: Callable[[torch.Tensor], torch.Tensor], classifier: torch.Tensor,
+                     batches: Iterable[dict], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (100 x cosine) and labels for every labelled image in `batches`."""
+    all_logits, all_labels = [], []
+    for batch in batches:
+        feats = F.normalize(encode_image(batch["image"].to(device)).float(), dim=-1)
+        all_logits.append(100.0 * feats @ classifier)
+        all_labels.append(batch["label"])
+    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
+
+
+def labelled_map(image_map: Callable, n_classes: int) -> Callable:
+    """Wrap an image sample map so samples carry an int `label` from their json, checked against
+    the class list (a label outside it is a DataError naming the shard)."""
+    from mm.data.loader import SampleError
+    from mm.errors import DataError
+
+    def sample_map(raw: dict, rng) -> dict:
+        sample = image_map(raw, rng)
+        label = sample["meta"].get("label")
+        if label is None:
+            raise SampleError("missing_label", raw.get("__key__", "?"))
+        if not isinstance(label, int) or not 0 <= label < n_classes:
+            raise DataError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')} has label {label!r}, "
+                            f"outside the {n_classes} class names")
+        sample["label"] = torch.tensor(label)
+        return sample
+
+    return sample_map
+
+
+def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, urls: str,
+                      classnames: list[str], templates: list[str], batch_size: int = 64,
+                      num_workers: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Zero-shot classification of labelled shards with any model exposing encode_image/encode_text.
+
+    Every rank evaluates the whole set: under ZeRO-3 each forward gathers parameters collectively, so
+    all ranks must run the same batches.
+    """
+    from mm.data.image_text import image_text_map
+    from mm.data.loader import Loader, StreamSpec, default_collate
+
+    was_training = model.training
+    model.eval()
+    spec = StreamSpec(urls=urls, sample_map=labelled_map(image_text_map(preprocess, tokenizer, False),
+                                                         len(classnames)),
+                      collate=default_collate, batch_size=batch_size, num_workers=num_workers,
+                      shuffle_buffer=0, repeat=False, drop_last=False)
+    classifier = build_classifier(model.encode_text, tokenizer, classnames, templates, device)
+    logits, labels = zero_shot_logits(model.encode_image, classifier, Loader(spec), device)
+    model.train(was_training)
+    metrics = classification_metrics(logits, labels, len(classnames))
+    metrics["n_images"] = float(len(labels))
+    return metrics

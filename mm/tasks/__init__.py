@@ -1,0 +1,15 @@
+"""Trainers: a plain dict maps a task name to its Task."""
+
+from __future__ import annotations
+
+from mm.errors import UserError
+from mm.tasks.base import Task
+from mm.tasks.clip import ClipTask
+
+TASKS: dict[str, type[Task]] = {"clip": ClipTask}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()

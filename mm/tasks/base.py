@@ -1,0 +1,37 @@
+"""The Task contract: what makes the trainers interchangeable on the one engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mm.config import RunConfig
+from mm.data.loader import Loader
+
+
+class Task:
+    """A trainer plugs into the engine by implementing these; the engine knows nothing else of it.
+
+    - build_model: the nn.Module whose trainable parameters are exactly those meant to train;
+    - batches: an iterable of batches built on mm.data (with a state_dict for exact resume);
+    - losses: named scalar tensors, `loss` the one to optimise; called on the engine so that
+      ZeRO-3 gathers parameters through the model's own forward;
+    - evaluate: named floats; called on every rank (ZeRO-3 gathers are collective).
+    """
+
+    name: str = ""
+    config_class: type = RunConfig
+
+    def build_model(self, cfg: Any, load_pretrained: bool = True) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def batches(self, cfg: Any, split: str, rank: int = 0, world_size: int = 1,
+                state: dict | None = None) -> Loader:
+        raise NotImplementedError
+
+    def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, cfg: Any) -> dict[str, float]:
+        return {}
