@@ -114,6 +114,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return _build(tp, value, key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads '3e-4' (no dot) as a string; a user writing it means the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is Any:
         return value
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -180,7 +186,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
     _build(cls, tree, "", source)
     for assignment in overrides:
         _apply_override(tree, assignment)
-    return _build(cls, tree, "", f"{source} with --set {' '.join(overrides)}" if overrides else source)
+    return _build(cls, tree, "", f"{source} + --set" if overrides else source)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -18,9 +18,10 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from mm.errors import DataError, UserError
 
 ENCODINGS = ("jpg", "png", "webp")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp", ".ppm",
+                            ".pgm"})
 _EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _FORMAT_OF_EXT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _MODES_FOR = {"jpg": ("L", "RGB"), "png": ("L", "LA", "RGB", "RGBA"), "webp": ("RGB", "RGBA")}
@@ -136,7 +138,7 @@ def _open_image(path: Path) -> tuple[bytes, Image.Image]:
             probe.verify()  # checks structure (e.g. PNG CRCs) that decoding alone may not
         image = Image.open(io.BytesIO(data))
         image.load()  # verify() decodes no pixels, so truncated data only shows up here
-    except Exception as e:  # PIL raises many exception types for corrupt files
+    except Exception as e:  # noqa: BLE001 -- PIL raises many exception types for corrupt files
         raise DataError(f"cannot decode image: {e}") from None
     return data, image
 
@@ -160,7 +162,7 @@ def encode_image(path: str | os.PathLike, reencode: str | None = None,
             converted = converted.resize(size, Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         converted.save(buf, format=_FORMAT_OF_EXT[fmt], **({"quality": 95} if fmt != "png" else {}))
-    except Exception as e:  # exotic modes or encoder limits: skip the file, not the run
+    except Exception as e:  # noqa: BLE001 -- exotic modes or encoder limits: skip the file, not the run
         raise DataError(f"cannot re-encode as {fmt}: {e}") from None
     return EncodedImage(buf.getvalue(), fmt, size, image.size)
 
@@ -196,7 +198,7 @@ def _read_mask(path: Path) -> Image.Image:
     return Image.fromarray(np.where(foreground, 255, 0).astype(np.uint8))
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -392,11 +394,13 @@ def _read_coco(path: Path) -> tuple[list[dict[str, Any]], dict[Any, list[str]]]:
         raise UserError(f"annotations file {path} lacks COCO 'images' and 'annotations' lists")
     for entry in images:
         if not (isinstance(entry, dict) and "id" in entry and isinstance(entry.get("file_name"), str)):
-            raise UserError(f"annotations file {path}: an image entry lacks 'id' or 'file_name': {entry!r:.80}")
+            raise UserError(f"annotations file {path}: an image entry lacks 'id' or 'file_name': "
+                            f"{entry!r:.80}")
     captions: dict[Any, list[str]] = {}
     for ann in annotations:
         if not (isinstance(ann, dict) and "image_id" in ann and isinstance(ann.get("caption"), str)):
-            raise UserError(f"annotations file {path}: an annotation lacks 'image_id' or 'caption': {ann!r:.80}")
+            raise UserError(f"annotations file {path}: an annotation lacks 'image_id' or 'caption': "
+                            f"{ann!r:.80}")
         if ann["caption"].strip():
             captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     return images, captions
@@ -473,11 +477,12 @@ def _segmentation_sample(path: Path, masks: dict[str, list[Path]], mask_suffix: 
             return None
         if mask.size != image.source_size:
             (w, h), (iw, ih) = mask.size, image.source_size
-            report.skipped.append((str(path), f"{what} {mask_path.name} is {w}x{h} but the image is {iw}x{ih}"))
+            reason = f"{what} {mask_path.name} is {w}x{h} but the image is {iw}x{ih}"
+            report.skipped.append((str(path), reason))
             return None
         if mask.size != image.size:
             mask = mask.resize(image.size, Image.Resampling.NEAREST)
-        sample[f"{what}.png"] = _png_bytes(mask)
+        sample[f"{what}.png"] = png_bytes(mask)
     return sample
 
 

@@ -9,25 +9,26 @@ same shards serve segmentation, and a scene graph for structure-aware training.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mm.data.shards import write_samples
+from mm.data.shards import png_bytes, write_samples
 from mm.errors import UserError
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
 COLOUR_RGB = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 100, 255), "yellow": (240, 220, 40)}
 RELATIONS = ("left of", "right of", "above", "below")
-RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of",
+                    "above": "above", "below": "below"}
 CLASSNAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 MIN_IMAGE_SIZE = 32
 
@@ -151,13 +152,7 @@ def write_shapes_world(out_dir: str | os.PathLike, num_samples: int, image_size:
             rng = random.Random(f"shapes:{stream}:{seed}:{i}")
             scene = render_scene(rng, image_size, single_fraction,
                                  label=i % len(CLASSNAMES) if balanced else None)
-            yield {"__key__": f"{i:08d}", "png": _png(scene.image), "mask.png": _png(scene.mask),
+            yield {"__key__": f"{i:08d}", "png": png_bytes(scene.image), "mask.png": png_bytes(scene.mask),
                    "txt": scene.caption.encode("utf-8"), "json": json.dumps(scene.metadata()).encode("utf-8")}
 
     return write_samples(samples(), out_dir, prefix, shard_size, overwrite)
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

@@ -49,5 +49,5 @@ def train_main(task_name: str, argv: list[str] | None = None) -> int:
         parts += [f"{k} {v:.4f}" for k, v in result["eval"].items() if "acc" in k]
         parts.append(f"export {result['export']}")
         print(" | ".join(parts))
-        print(json.dumps({"task": task_name, **result}, default=str))
+        print(json.dumps({"task": task_name, **{k: v for k, v in result.items() if k != "engine"}}, default=str))
     return 0

@@ -89,7 +89,8 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
 def train(task: Task, cfg: Any) -> dict[str, Any]:
     """Train `task` with `cfg` to cfg.train.steps optimizer steps, resuming from out_dir if possible.
 
-    Returns the last logged values, the evaluation metrics and the export path (on every rank).
+    Returns the last logged values, the evaluation metrics, the export path and the DeepSpeed engine
+    (on every rank).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -193,4 +194,4 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     logger.close()
     bad_counts = loader.bad_counts
     return {"step": step, "last": last_logged, "eval": evaluation, "export": str(export_path),
-            "bad_counts": bad_counts}
+            "bad_counts": bad_counts, "engine": engine}

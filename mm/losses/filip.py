@@ -29,8 +29,8 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from mm.dist import all_gather_no_grad, all_gather_with_grad, rank, world_size
 
@@ -97,8 +97,9 @@ def filip_similarity(img: torch.Tensor, img_mask: torch.Tensor | None, txt: torc
     img_mask, txt_mask = _default_mask(img, img_mask), _default_mask(txt, txt_mask)
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    n_img = img_mask.sum(1).clamp(min=1).to(img.dtype)
-    n_txt = txt_mask.sum(1).clamp(min=1).to(img.dtype)
+    acc = torch.promote_types(img.dtype, torch.float32)  # bf16 cannot even count past 256 exactly
+    n_img = img_mask.sum(1).clamp(min=1).to(acc)
+    n_txt = txt_mask.sum(1).clamp(min=1).to(acc)
     step = chunk_size or txt.shape[0]
     i2t, t2i = [], []
     for j0 in range(0, txt.shape[0], step):
@@ -106,8 +107,8 @@ def filip_similarity(img: torch.Tensor, img_mask: torch.Tensor | None, txt: torc
         sim = torch.einsum("ikd,jrd->ijkr", img, t)
         best_txt = sim.masked_fill(~tm[None, :, None, :], float("-inf")).amax(3)  # (i, j, k)
         best_img = sim.masked_fill(~img_mask[:, None, :, None], float("-inf")).amax(2)  # (i, j, r)
-        i2t.append(torch.where(img_mask[:, None, :], best_txt, 0).sum(2) / n_img[:, None])
-        t2i.append(torch.where(tm[None], best_img, 0).sum(2) / n_txt[None, j0:j0 + step])
+        i2t.append(torch.where(img_mask[:, None, :], best_txt, 0).sum(2, dtype=acc) / n_img[:, None])
+        t2i.append(torch.where(tm[None], best_img, 0).sum(2, dtype=acc) / n_txt[None, j0:j0 + step])
     return torch.cat(i2t, 1), torch.cat(t2i, 1)
 
 
@@ -194,10 +195,11 @@ class _FilipSimilarity(torch.autograd.Function):
             grad_i2t = torch.zeros(bi, bt, device=img.device)
         if grad_t2i is None:
             grad_t2i = torch.zeros(bi, bt, device=img.device)
-        # d s^I_ij / d S_ij[k, r*] = 1/n_img_i at valid k; d s^T_ij / d S_ij[k*, r] = 1/n_txt_j at valid r.
         acc = n_img.dtype
-        w_i2t = (grad_i2t.to(acc) / n_img[:, None])[:, None, :] * img_mask[:, :, None]  # (Bi, Ni, Bt)
-        w_t2i = (grad_t2i.to(acc) / n_txt[None, :])[:, :, None] * txt_mask[None]  # (Bi, Bt, Nt)
+        # d s^I_ij / d S_ij[k, r*] = 1/n_img_i at valid k; d s^T_ij / d S_ij[k*, r] = 1/n_txt_j at valid r.
+        # Spread over tokens per chunk below: whole (Bi, Ni, Bt) weights would cost more than S's chunk.
+        w_i2t = grad_i2t.to(acc) / n_img[:, None]
+        w_t2i = grad_t2i.to(acc) / n_txt[None, :]
         grad_img = torch.zeros(bi, ni, d, dtype=acc, device=img.device) if need_img else None
         grad_txt = torch.empty(bt, nt, d, dtype=txt.dtype, device=txt.device) if need_txt else None
         img_flat = img.reshape(bi * ni, d)
@@ -209,10 +211,12 @@ class _FilipSimilarity(torch.autograd.Function):
                 arg_r, arg_k = saved_args[0][:, :, j0:j1].long(), saved_args[1][:, j0:j1].long()
             else:
                 _, arg_r, _, arg_k = _chunk_maxima(img, img_mask, ctx.img_all_valid, t, txt_mask[j0:j1])
+            src_i2t = (w_i2t[:, None, j0:j1] * img_mask[:, :, None]).to(img.dtype)  # (Bi, Ni, c)
+            src_t2i = (w_t2i[:, j0:j1, None] * txt_mask[None, j0:j1]).to(img.dtype)  # (Bi, c, Nt)
             weights = torch.zeros(bi, ni, c, nt, dtype=img.dtype, device=img.device)
-            weights.scatter_(3, arg_r.unsqueeze(3), w_i2t[:, :, j0:j1].to(img.dtype).unsqueeze(3))
+            weights.scatter_(3, arg_r.unsqueeze(3), src_i2t.unsqueeze(3))
             # scatter_add: a (k, r) pair can be the argmax in both directions.
-            weights.scatter_add_(1, arg_k.unsqueeze(1), w_t2i[:, j0:j1].to(img.dtype).unsqueeze(1))
+            weights.scatter_add_(1, arg_k.unsqueeze(1), src_t2i.unsqueeze(1))
             weights = weights.view(bi * ni, c * nt)
             if need_img:
                 grad_img += (weights @ t.reshape(c * nt, d)).view(bi, ni, d)

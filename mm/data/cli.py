@@ -1,0 +1,161 @@
+"""mm-shards: turn raw data into the WebDataset shards every trainer reads.
+
+  mm-shards synthetic --out data/shapes --num-samples 2000
+  mm-shards folder --images imgs/ --captions captions.csv --out data/pairs
+  mm-shards coco --annotations captions_val2017.json --images val2017/ --out data/coco
+  mm-shards seg --images DRIVE/training/images --masks DRIVE/training/1st_manual --out data/drive
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from mm.data.shards import (
+    ENCODINGS,
+    ShardReport,
+    write_coco_shards,
+    write_image_text_shards,
+    write_segmentation_shards,
+)
+from mm.data.synthetic import CLASSNAMES, write_shapes_world
+from mm.errors import cli_main
+
+_SHOWN_SKIPS = 10
+
+_DESCRIPTION = """\
+Write WebDataset shards named OUT/PREFIX-000000.tar, OUT/PREFIX-000001.tar, ...
+
+Image-text samples hold the image (jpg, png or webp), its caption (txt) and a json metadata object;
+segmentation samples hold the image (png), its binary mask (mask.png, 0/255) and optionally a
+field-of-view mask (fov.png). Unreadable images, missing files and mismatched masks are skipped and
+listed in the summary; they never stop the run."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm-shards", description=_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "synthetic", help="the synthetic shapes world (demo and tests)",
+        description="Coloured shapes on a dark background, alone (labelled with one of "
+                    f"{len(CLASSNAMES)} classes such as '{CLASSNAMES[0]}') or two in a spatial relation, "
+                    "with captions, scene graphs and masks. Deterministic for a given seed.")
+    p.add_argument("--num-samples", type=int, default=2000, help="number of scenes (default 2000)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="image side in pixels, at least 32 (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
+    p.add_argument("--single-fraction", type=float, default=0.5,
+                   help="share of single-object scenes; the rest show two related objects (default 0.5)")
+    p.add_argument("--balanced", action="store_true",
+                   help="write a zero-shot evaluation set instead: single labelled objects, every class "
+                        f"equally often (--num-samples must be a multiple of {len(CLASSNAMES)}); use "
+                        "another --seed than the training set")
+    _add_output_options(p, prefix="shapes", shard_size=500, images=False)
+
+    p = commands.add_parser(
+        "folder", help="an image folder and a CSV or JSONL captions file",
+        description="Image-text shards from a folder of images and a captions file: CSV with a header "
+                    "row, or JSONL with one object per line. Each row names the image in a 'filepath' "
+                    "or 'image' column (relative to --images, or absolute) and its caption in a "
+                    "'caption' or 'text' column; other columns go into the json metadata ('label' "
+                    "must be an integer class index).")
+    p.add_argument("--images", required=True, help="folder the image paths are relative to")
+    p.add_argument("--captions", required=True, help="captions file (.csv or .jsonl)")
+    _add_output_options(p, prefix="shard", shard_size=1000, images=True)
+
+    p = commands.add_parser(
+        "coco", help="COCO-style captions (annotations json + image folder)",
+        description="One sample per image of a COCO captions file: txt holds the first caption, the "
+                    "json field 'captions' all of them (retrieval counts each as correct) and 'image_id'.")
+    p.add_argument("--annotations", required=True, help="captions json with 'images' and 'annotations'")
+    p.add_argument("--images", required=True, help="folder holding the images' file_name paths")
+    _add_output_options(p, prefix="coco", shard_size=1000, images=True)
+
+    p = commands.add_parser(
+        "seg", help="binary segmentation: image folder + mask folder (+ field-of-view folder)",
+        description="Pairs each image with the mask whose file name stem is the image's stem plus "
+                    "--mask-suffix (any image extension). Images are stored as PNG (16-bit and float "
+                    "images stretched to 8 bits), masks binarised at > 127 to 0/255 (0/1 masks: 1 is "
+                    "foreground). Images without a mask and masks of another size are skipped.")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--masks", required=True, help="folder of masks")
+    p.add_argument("--mask-suffix", default="",
+                   help="text after the image stem in mask names, e.g. '_1stHO' for Image_01L_1stHO.png")
+    p.add_argument("--fov", help="folder of field-of-view masks (optional)")
+    p.add_argument("--fov-suffix", default="", help="text after the image stem in field-of-view mask names")
+    p.add_argument("--max-size", type=int, help="shrink images (and masks) so the longest side is at most "
+                                                "this many pixels; default: keep the size")
+    _add_output_options(p, prefix="seg", shard_size=1000, images=False)
+    return parser
+
+
+def _add_output_options(p: argparse.ArgumentParser, prefix: str, shard_size: int, images: bool) -> None:
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--shard-size", type=int, default=shard_size,
+                   help=f"samples per shard (default {shard_size})")
+    p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix})")
+    if images:
+        p.add_argument("--reencode", choices=ENCODINGS,
+                       help="re-encode every image in this format; default: keep the original bytes "
+                            "(images in other formats than jpg/png/webp become png)")
+        p.add_argument("--max-size", type=int,
+                       help="shrink images so the longest side is at most this many pixels (re-encodes "
+                            "those images); default: keep the size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards with the same prefix already in the output folder")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON line on stdout (the summary goes to stderr)")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+
+
+def _run(args: argparse.Namespace) -> ShardReport:
+    progress = sys.stderr.isatty()
+    common = {"shard_size": args.shard_size, "prefix": args.prefix, "overwrite": args.overwrite,
+              "progress": progress}
+    if args.command == "synthetic":
+        shards = write_shapes_world(args.out, args.num_samples, image_size=args.image_size, seed=args.seed,
+                                    single_fraction=args.single_fraction, balanced=args.balanced, **common)
+        return ShardReport(written=args.num_samples, shards=shards)
+    if args.command == "folder":
+        return write_image_text_shards(args.images, args.captions, args.out, reencode=args.reencode,
+                                       max_size=args.max_size, **common)
+    if args.command == "coco":
+        return write_coco_shards(args.annotations, args.images, args.out, reencode=args.reencode,
+                                 max_size=args.max_size, **common)
+    return write_segmentation_shards(args.images, args.masks, args.out, max_size=args.max_size,
+                                     fov_dir=args.fov, mask_suffix=args.mask_suffix,
+                                     fov_suffix=args.fov_suffix, **common)
+
+
+def format_summary(report: ShardReport, out_dir: str) -> str:
+    """The human-readable summary: counts, then up to ten skipped inputs with their reasons."""
+    lines = [f"wrote {report.written} samples in {len(report.shards)} shards to {out_dir}"]
+    if report.skipped:
+        lines[0] += f"; skipped {len(report.skipped)}:"
+        lines += [f"  {path}: {reason}" for path, reason in report.skipped[:_SHOWN_SKIPS]]
+        if len(report.skipped) > _SHOWN_SKIPS:
+            lines.append(f"  ... and {len(report.skipped) - _SHOWN_SKIPS} more")
+    return "\n".join(lines)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = _run(args)
+    summary = format_summary(report, args.out)
+    if args.json:
+        print(summary, file=sys.stderr)
+        result = dataclasses.asdict(report)
+        result["skipped"] = [{"path": path, "reason": reason} for path, reason in report.skipped]
+        print(json.dumps({"command": args.command, "out": args.out, **result}))
+    else:
+        print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles a communication op on first use; keep it in the project so it is built once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> dict:
+    """A small shapes world: 8 training shards of 40 samples and a balanced held-out set."""
+    from mm.data.synthetic import CLASSNAMES, write_shapes_world
+
+    root = tmp_path_factory.mktemp("shapes")
+    train = write_shapes_world(root / "train", 320, image_size=32, seed=0, shard_size=40)
+    val = write_shapes_world(root / "val", 2 * len(CLASSNAMES), image_size=32, seed=1, balanced=True)
+    return {"train": f"{root}/train/shapes-{{000000..{len(train) - 1:06d}}}.tar", "train_shards": train,
+            "val": val[0], "root": root}
