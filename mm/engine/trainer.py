@@ -6,6 +6,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,9 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     if rank == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=tc.steps, initial=step, desc=f"{task.name}", unit="step", dynamic_ncols=True)
+        # Under a launcher stderr is a pipe: redraw rarely so logs stay readable.
+        progress = tqdm(total=tc.steps, initial=step, desc=f"{task.name}", unit="step", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
     def save_checkpoint() -> str:
         state = {"step": step, "data": _gather_object(loader.state_dict()), "rng": _gather_object(_rng_state())}

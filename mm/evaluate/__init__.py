@@ -1,0 +1,1 @@
+"""Command lines for evaluation and inference (eval/*.py are thin wrappers around these)."""

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Set up (as scripts/demo.sh does), then run the whole test suite. Extra arguments go to pytest.
+source "$(dirname "$0")/setup.sh"
+python -m pytest -q "$@"
