@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import webdataset  # noqa: F401
 
-    import mm.data.image_text  # noqa: F401
+    import mm.data.image_text
     import mm.data.loader  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:

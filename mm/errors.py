@@ -22,6 +22,15 @@ class DataError(UserError):
     """Unusable data: no shards, too many corrupt samples, a label outside the class list."""
 
 
+def _one_line(e: Exception) -> str:
+    """The user's message, also when torch's DataLoader re-raised it wrapped in a worker traceback."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith("mm.errors.") else last
+    return text.replace("\n", " ")
+
+
 def cli_main(fn: F) -> F:
     """Run a command's main(): a UserError prints `error: ...` on one line and exits with 2.
 
@@ -36,7 +45,7 @@ def cli_main(fn: F) -> F:
         except UserError as e:
             if debug:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

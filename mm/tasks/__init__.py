@@ -5,8 +5,9 @@ from __future__ import annotations
 from mm.errors import UserError
 from mm.tasks.base import Task
 from mm.tasks.clip import ClipTask
+from mm.tasks.filip import FilipTask
 
-TASKS: dict[str, type[Task]] = {"clip": ClipTask}
+TASKS: dict[str, type[Task]] = {"clip": ClipTask, "filip": FilipTask}
 
 
 def get_task(name: str) -> Task:
