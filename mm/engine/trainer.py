@@ -76,8 +76,15 @@ def _gather_object(obj: Any) -> list:
     return out
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move tensors to the device; floating inputs take the model's compute dtype (bf16/fp16 engines
+    hold half-precision weights and DeepSpeed does not cast inputs)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+        out[k] = v
+    return out
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -133,6 +140,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
         torch.manual_seed(tc.seed * 1000 + rank + 1)
 
     loader = task.batches(cfg, "train", rank=rank, world_size=world, state=data_state)
+    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
     logger = MetricsLogger(out_dir, enabled=rank == 0)
     progress = None
     if rank == 0:
@@ -151,7 +159,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     if step < tc.steps:
         engine.train()
         for batch in loader:
-            losses = task.losses(engine, _to_device(batch, engine.device))
+            losses = task.losses(engine, _to_device(batch, engine.device, compute_dtype))
             engine.backward(losses["loss"])
             engine.step()
             for k, v in losses.items():

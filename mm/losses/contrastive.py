@@ -15,6 +15,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     Each rank takes the mean over its own rows; averaging gradients over ranks (as DeepSpeed does)
     then gives exactly the single-process gradient of the loss on the global batch.
     """
+    # Half-precision engines hand over bf16/fp16 features; the softmax is done in fp32.
+    image_features, text_features = image_features.float(), text_features.float()
+    logit_scale = logit_scale.float()
     all_images = all_gather_with_grad(image_features)
     all_texts = all_gather_with_grad(text_features)
     n = image_features.shape[0]

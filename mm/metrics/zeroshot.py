@@ -36,11 +36,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes
 
 @torch.no_grad()
 def zero_shot_logits(encode_image: Callable[[torch.Tensor], torch.Tensor], classifier: torch.Tensor,
-                     batches: Iterable[dict], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                     batches: Iterable[dict], device: torch.device | str = "cpu",
+                     input_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (100 x cosine) and labels for every labelled image in `batches`."""
     all_logits, all_labels = [], []
+    dtype = classifier.dtype if input_dtype is None else input_dtype
     for batch in batches:
-        feats = F.normalize(encode_image(batch["image"].to(device)).float(), dim=-1)
+        feats = F.normalize(encode_image(batch["image"].to(device, dtype)).float(), dim=-1)
         all_logits.append(100.0 * feats @ classifier)
         all_labels.append(batch["label"])
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
@@ -84,7 +86,8 @@ def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: C
                       collate=default_collate, batch_size=batch_size, num_workers=num_workers,
                       shuffle_buffer=0, repeat=False, drop_last=False)
     classifier = build_classifier(model.encode_text, tokenizer, classnames, templates, device)
-    logits, labels = zero_shot_logits(model.encode_image, classifier, Loader(spec), device)
+    dtype = next(model.parameters()).dtype
+    logits, labels = zero_shot_logits(model.encode_image, classifier, Loader(spec), device, dtype)
     model.train(was_training)
     metrics = classification_metrics(logits, labels, len(classnames))
     metrics["n_images"] = float(len(labels))
