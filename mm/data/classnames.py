@@ -1,8 +1,15 @@
-"""Class names and prompt templates for zero-shot classification: built-in sets or text files."""
+"""Class names and prompt templates for zero-shot classification: built-in sets or text files.
+
+Built-in sets: `shapes` (the synthetic shapes world), `cifar10` and `cifar100` (the class names
+CLIP_benchmark and OpenAI's prompt-engineering notebook use, with OpenAI's 18 CIFAR templates) and
+`imagenet` (open_clip's curated class names and OpenAI's 80 templates, taken from the installed
+open_clip package).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 from mm.errors import UserError
 
@@ -13,8 +20,73 @@ def _shapes_classnames() -> list[str]:
     return list(CLASSNAMES)
 
 
-BUILTIN_CLASSNAMES = {"shapes": _shapes_classnames}
-BUILTIN_TEMPLATES = {"shapes": lambda: ["a {}", "a {} shape", "a picture of a {}"]}
+CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+CIFAR100_CLASSNAMES = (
+    "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn mower", "leopard", "lion", "lizard", "lobster", "man", "maple tree", "motorcycle",
+    "mountain", "mouse", "mushroom", "oak tree", "orange", "orchid", "otter", "palm tree", "pear",
+    "pickup truck", "pine tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon",
+    "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
+    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow tree", "wolf", "woman", "worm",
+)
+
+# OpenAI's 18 templates for CIFAR-10 and CIFAR-100 (CLIP's prompt-engineering notebook).
+CIFAR_TEMPLATES = (
+    'a photo of a {}.',
+    'a blurry photo of a {}.',
+    'a black and white photo of a {}.',
+    'a low contrast photo of a {}.',
+    'a high contrast photo of a {}.',
+    'a bad photo of a {}.',
+    'a good photo of a {}.',
+    'a photo of a small {}.',
+    'a photo of a big {}.',
+    'a photo of the {}.',
+    'a blurry photo of the {}.',
+    'a black and white photo of the {}.',
+    'a low contrast photo of the {}.',
+    'a high contrast photo of the {}.',
+    'a bad photo of the {}.',
+    'a good photo of the {}.',
+    'a photo of the small {}.',
+    'a photo of the big {}.',
+)
+
+
+def template_strings(templates: Sequence[str | Callable[[str], str]]) -> list[str]:
+    """Templates as '{}' format strings; callables (open_clip's lambdas) are called with '{}'."""
+    out = []
+    for t in templates:
+        s = t if isinstance(t, str) else t("{}")
+        if s.count("{}") != 1 or s.replace("{}", "").count("{") or s.replace("{}", "").count("}"):
+            raise UserError(f"templates: {s!r} is not a template with one '{{}}'")
+        out.append(s)
+    return out
+
+
+def _imagenet_classnames() -> list[str]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+def _imagenet_templates() -> list[str]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return template_strings(OPENAI_IMAGENET_TEMPLATES)
+
+
+BUILTIN_CLASSNAMES = {"shapes": _shapes_classnames, "cifar10": lambda: list(CIFAR10_CLASSNAMES),
+                      "cifar100": lambda: list(CIFAR100_CLASSNAMES), "imagenet": _imagenet_classnames}
+BUILTIN_TEMPLATES = {"shapes": lambda: ["a {}", "a {} shape", "a picture of a {}"],
+                     "cifar10": lambda: list(CIFAR_TEMPLATES), "cifar100": lambda: list(CIFAR_TEMPLATES),
+                     "imagenet": _imagenet_templates}
 
 
 def _load(spec: str, builtin: dict, what: str) -> list[str]:

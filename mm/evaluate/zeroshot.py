@@ -1,10 +1,15 @@
-"""mm-zeroshot: zero-shot classification of labelled shards with an exported model."""
+"""mm-zeroshot: zero-shot classification of labelled images with an exported model.
+
+--data is labelled WebDataset shards (json `label`), an image folder with one sub-folder per class,
+or a .csv/.jsonl list of image paths and labels (see mm/evaluate/datasets.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from mm.errors import UserError, cli_main
@@ -16,41 +21,155 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot classification (CLIP_benchmark protocol: prompt-ensembled class embeddings, "
                     "logits 100 x cos) of an exported model (runs/<name>/export/model.safetensors).")
     p.add_argument("--checkpoint", required=True, help="exported safetensors file written by a train/ run")
-    p.add_argument("--data", required=True, help="WebDataset shards whose json carries an int 'label'")
-    p.add_argument("--classnames", default="shapes", help="built-in set (shapes) or a file, one name per line")
-    p.add_argument("--templates", default="shapes", help="built-in set or a file, one template with {} per line")
+    p.add_argument("--data", required=True,
+                   help="a directory: image folder, one sub-folder per class; a .csv/.jsonl file: list with an "
+                        "image path column (filepath/image) and a label (int or class name); anything else: "
+                        "WebDataset shards whose json carries an int 'label'")
+    p.add_argument("--classnames", default=None,
+                   help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one name per line "
+                        "(default: the folder names for an image folder, else shapes)")
+    p.add_argument("--templates", default=None,
+                   help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one template with {} per "
+                        "line (default: the built-in set named by --classnames if there is one, else shapes)")
+    p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
+                   help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
+                        "late-interaction score, averaged over templates (FILIP models)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--output", help="write the metrics JSON here")
+    p.add_argument("--confusion", metavar="PATH.png", help="write the confusion matrix as a PNG here")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
+
+
+def _progress(batches, desc: str):
+    from tqdm import tqdm
+
+    try:
+        total = len(batches)
+    except TypeError:  # the shared loader streams: no length
+        total = None
+    return tqdm(batches, total=total, desc=desc, unit="batch", file=sys.stderr,
+                disable=not sys.stderr.isatty(), leave=False)
+
+
+def tokenwise_predictions(model, tokenizer, batches, classnames, templates, device="cpu"):
+    """FILIP token-wise logits and labels over any iterable of {"image", "label"} batches."""
+    import torch
+
+    from mm.tasks.filip import tokenwise_classifier_tokens, tokenwise_logits
+
+    model.eval()
+    with torch.no_grad():
+        class_tokens, class_mask = tokenwise_classifier_tokens(model, tokenizer, classnames, templates, device)
+        logits, labels = [], []
+        for batch in batches:
+            img, img_mask = model.encode_image_tokens(batch["image"].to(device))
+            logits.append(tokenwise_logits(img, img_mask, class_tokens, class_mask, len(classnames)).cpu())
+            labels.append(batch["label"])
+    return torch.cat(logits), torch.cat(labels)
+
+
+def write_confusion_png(matrix, classnames: list[str], path: str, title: str) -> None:
+    """Row-normalised confusion matrix (true class rows, predicted columns) with the counts' colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classnames)
+    m = matrix.float()
+    rates = m / m.sum(1, keepdim=True).clamp(min=1)
+    size = min(4 + 0.35 * n, 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 60:
+        ax.set_xticks(range(n), classnames, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), classnames, fontsize=8)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mm.data.classnames import load_classnames, load_templates
+    from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
     from mm.engine.checkpoint import load_exported
-    from mm.metrics.zeroshot import evaluate_zeroshot
+    from mm.evaluate.datasets import SkipUnreadable, build_dataset, dataset_kind, image_label_loader
+    from mm.metrics.zeroshot import (classification_metrics, confusion_matrix, labelled_shard_batches,
+                                     zeroshot_predictions)
     from mm.models.clip import clip_preprocess, clip_tokenizer
 
-    classnames, templates = load_classnames(args.classnames), load_templates(args.templates)
+    kind = dataset_kind(args.data)
+    if args.classnames is None and kind != "folder":
+        args.classnames = "shapes"
+    classnames = load_classnames(args.classnames) if args.classnames is not None else None
+    if args.templates is None:
+        args.templates = args.classnames if args.classnames in BUILTIN_TEMPLATES else "shapes"
+    templates = load_templates(args.templates)
     task, cfg, model = load_exported(args.checkpoint)
     if not hasattr(model, "encode_image"):
         raise UserError(f"{args.checkpoint}: a {task.name} model has no encode_image/encode_text")
-    metrics = evaluate_zeroshot(model, clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False), args.data,
-                                classnames, templates, args.batch_size, num_workers=args.workers)
-    record = {"task": task.name, "checkpoint": str(args.checkpoint), "data": args.data,
-              "classnames": args.classnames, "templates": args.templates, "metrics": metrics,
-              "chance": 1.0 / len(classnames)}
+    if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
+        raise UserError(f"{args.checkpoint}: token-wise scoring needs a FILIP model, this is {task.name!r}")
+    tokenizer, preprocess = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+
+    label_mapping, ignored = "shard_json_label", []
+    if kind == "shards":
+        batches = SkipUnreadable(labelled_shard_batches(preprocess, tokenizer, args.data, len(classnames),
+                                                        args.batch_size, args.workers))
+    else:
+        dataset = build_dataset(args.data, preprocess, classnames)
+        classnames, label_mapping, ignored = dataset.classnames, dataset.label_mapping, dataset.ignored
+        batches = SkipUnreadable(image_label_loader(dataset, args.batch_size, args.workers))
+    predict = zeroshot_predictions if args.scoring == "pooled" else tokenwise_predictions
+    logits, labels = predict(model, tokenizer, _progress(batches, "zero-shot"), classnames, templates)
+    if not len(labels):
+        raise UserError(f"{args.data}: no readable labelled images")
+    metrics = classification_metrics(logits, labels, len(classnames))
+    metrics["n_images"] = float(len(labels))
+    skipped = list(batches.skipped)
+    if kind == "shards":  # the shared loader skips corrupt samples itself and counts them per kind
+        bad = batches.batches.bad_counts
+        skipped_count = int(bad.get("total", 0))
+    else:
+        bad, skipped_count = {}, len(skipped)
+    record = {"dataset": args.data, "dataset_type": kind, "model": cfg.model.name or "inline architecture",
+              "pretrained": str(args.checkpoint), "checkpoint": str(args.checkpoint),
+              "task": "zeroshot_classification", "model_task": task.name, "metrics": metrics,
+              "scoring": args.scoring, "classnames": args.classnames or "folder names",
+              "templates": args.templates, "n_classes": len(classnames), "n_templates": len(templates),
+              "label_mapping": label_mapping, "batch_size": args.batch_size,
+              "chance": 1.0 / len(classnames), "skipped_images": skipped_count,
+              "skipped": [{"path": p, "reason": r} for p, r in skipped[:1000]],
+              "ignored_files": len(ignored)}
+    if bad:
+        record["bad_samples"] = bad
+    if args.confusion:
+        write_confusion_png(confusion_matrix(logits, labels, len(classnames)), classnames, args.confusion,
+                            f"{Path(args.data).name}: acc1 {metrics['acc1']:.3f}")
+        record["confusion_png"] = args.confusion
     text = json.dumps(record)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
     acc5 = f", acc5 {metrics['acc5']:.3f}" if "acc5" in metrics else ""
-    print(f"zero-shot {task.name}: acc1 {metrics['acc1']:.3f}{acc5}, mean per-class recall "
-          f"{metrics['mean_per_class_recall']:.3f} on {int(metrics['n_images'])} images "
+    skip = f", {skipped_count} unreadable skipped" if skipped_count else ""
+    print(f"zero-shot {task.name} ({args.scoring}): acc1 {metrics['acc1']:.3f}{acc5}, mean per-class recall "
+          f"{metrics['mean_per_class_recall']:.3f} on {int(metrics['n_images'])} images{skip} "
           f"(chance {1.0 / len(classnames):.3f})")
     print(text)
     return 0

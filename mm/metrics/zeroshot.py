@@ -68,6 +68,50 @@ def labelled_map(image_map: Callable, n_classes: int) -> Callable:
     return sample_map
 
 
+def labelled_shard_batches(preprocess: Callable, tokenizer: Callable, urls: str, n_classes: int,
+                           batch_size: int = 64, num_workers: int = 0):
+    """One pass over labelled shards through the shared loader: batches with `image` and `label`."""
+    from mm.data.image_text import image_text_map
+    from mm.data.loader import Loader, StreamSpec, default_collate
+
+    spec = StreamSpec(urls=urls, sample_map=labelled_map(image_text_map(preprocess, tokenizer, False), n_classes),
+                      collate=default_collate, batch_size=batch_size, num_workers=num_workers,
+                      shuffle_buffer=0, repeat=False, drop_last=False)
+    return Loader(spec)
+
+
+@torch.no_grad()
+def zeroshot_predictions(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                         classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (100 x cos against the prompt-ensembled classifier) and labels over any iterable of
+    {"image", "label"} batches (shared-loader shards, a torch DataLoader over a folder or a list)."""
+    was_training = model.training
+    model.eval()
+    try:
+        classifier = build_classifier(model.encode_text, tokenizer, classnames, templates, device)
+        dtype = next(model.parameters()).dtype
+        return zero_shot_logits(model.encode_image, classifier, batches, device, dtype)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_zeroshot_batches(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                              classnames: list[str], templates: list[str],
+                              device: torch.device | str = "cpu") -> dict[str, float]:
+    """acc1, acc5 (>= 5 classes), mean_per_class_recall and n_images over any iterable of batches."""
+    logits, labels = zeroshot_predictions(model, tokenizer, batches, classnames, templates, device)
+    metrics = classification_metrics(logits, labels, len(classnames))
+    metrics["n_images"] = float(len(labels))
+    return metrics
+
+
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes, n_classes) counts: row = true class, column = predicted class."""
+    pred = logits.argmax(1)
+    return torch.bincount(labels * n_classes + pred, minlength=n_classes * n_classes).view(n_classes, n_classes)
+
+
 def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, urls: str,
                       classnames: list[str], templates: list[str], batch_size: int = 64,
                       num_workers: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
@@ -76,19 +120,5 @@ def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: C
     Every rank evaluates the whole set: under ZeRO-3 each forward gathers parameters collectively, so
     all ranks must run the same batches.
     """
-    from mm.data.image_text import image_text_map
-    from mm.data.loader import Loader, StreamSpec, default_collate
-
-    was_training = model.training
-    model.eval()
-    spec = StreamSpec(urls=urls, sample_map=labelled_map(image_text_map(preprocess, tokenizer, False),
-                                                         len(classnames)),
-                      collate=default_collate, batch_size=batch_size, num_workers=num_workers,
-                      shuffle_buffer=0, repeat=False, drop_last=False)
-    classifier = build_classifier(model.encode_text, tokenizer, classnames, templates, device)
-    dtype = next(model.parameters()).dtype
-    logits, labels = zero_shot_logits(model.encode_image, classifier, Loader(spec), device, dtype)
-    model.train(was_training)
-    metrics = classification_metrics(logits, labels, len(classnames))
-    metrics["n_images"] = float(len(labels))
-    return metrics
+    batches = labelled_shard_batches(preprocess, tokenizer, urls, len(classnames), batch_size, num_workers)
+    return evaluate_zeroshot_batches(model, tokenizer, batches, classnames, templates, device)

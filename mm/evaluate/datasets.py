@@ -1,0 +1,224 @@
+"""Labelled image sets for mm-zeroshot besides shards: an image folder (one sub-folder per class) and
+a CSV or JSONL list (image path + label). Both are small torch Datasets read through a plain torch
+DataLoader with the model's preprocess; batches are {"image", "label"} like the shared loader's.
+
+Unreadable images are not fatal: a sample that fails to decode comes back as {"bad": (path, reason)},
+`collate` sets such samples aside in the batch's "bad" list, and `SkipUnreadable` reports and counts
+them while passing only the good images on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mm.errors import DataError, UserError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+LIST_SUFFIXES = (".csv", ".jsonl")
+PATH_FIELDS = ("filepath", "image", "path", "file_name", "filename")
+LABEL_FIELDS = ("label",)
+
+
+def dataset_kind(data: str) -> str:
+    """'folder' for a directory, 'list' for a .csv/.jsonl file, otherwise 'shards'."""
+    if Path(data).is_dir():
+        return "folder"
+    if data.lower().endswith(LIST_SUFFIXES):
+        return "list"
+    return "shards"
+
+
+class ImageLabelDataset(Dataset):
+    """(image path, int label) pairs decoded to RGB and preprocessed on access."""
+
+    def __init__(self, items: list[tuple[str, int]], preprocess: Callable[[Image.Image], torch.Tensor],
+                 classnames: list[str]):
+        self.items = items
+        self.preprocess = preprocess
+        self.classnames = classnames
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                rgb = image.convert("RGB")
+        except Exception as e:  # PIL raises many types for corrupt or unreadable files
+            return {"bad": (path, f"{type(e).__name__}: {e}".splitlines()[0])}
+        return {"image": self.preprocess(rgb), "label": label}
+
+
+def _int_label(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+class FolderDataset(ImageLabelDataset):
+    """An image folder with one sub-folder per class; images anywhere below a class folder.
+
+    Class folders are taken in sorted order. Without `classnames` the folder names are the class
+    names. With `classnames`, folders are matched to them: by name when every folder name is a class
+    name; by number when every folder name is an integer (0 .. n-1); otherwise by sorted position when
+    there are as many folders as class names (the ImageFolder convention, e.g. ImageNet's wnid
+    folders with curated names). `label_mapping` says which was used.
+    """
+
+    def __init__(self, root: str | Path, preprocess: Callable, classnames: list[str] | None = None):
+        root = Path(root)
+        folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                         key=lambda d: d.name)
+        if not folders:
+            raise UserError(f"{root}: no class sub-folders (expected one folder of images per class)")
+        names = [d.name for d in folders]
+        if classnames is None:
+            classnames, labels, self.label_mapping = names, list(range(len(names))), "folder_names"
+        elif all(n in classnames for n in names):
+            labels, self.label_mapping = [classnames.index(n) for n in names], "by_name"
+        elif all(_int_label(n) is not None for n in names):
+            labels, self.label_mapping = [int(n) for n in names], "by_number"
+            for folder, label in zip(folders, labels):
+                if not 0 <= label < len(classnames):
+                    raise DataError(f"{folder}: label {label} outside the {len(classnames)} class names")
+        elif len(names) == len(classnames):
+            labels, self.label_mapping = list(range(len(names))), "sorted_position"
+        else:
+            folder = next(d for d in folders if d.name not in classnames)
+            raise DataError(f"{folder}: folder {folder.name!r} is not one of the {len(classnames)} class "
+                            f"names, and {len(folders)} folders cannot be matched to them by position")
+        items, self.ignored = [], []
+        for folder, label in zip(folders, labels):
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    items.append((str(path), label))
+                elif not path.name.startswith("."):
+                    self.ignored.append(str(path))
+        if not items:
+            raise UserError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its class folders")
+        super().__init__(items, preprocess, classnames)
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) from a CSV with a header row or from JSONL."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(f)
+                for row in reader:
+                    yield reader.line_num, row
+            else:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise DataError(f"{path}:{lineno}: not a JSON object") from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}:{lineno}: not a JSON object")
+                    yield lineno, record
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: not valid CSV: {e}") from None
+
+
+class ListDataset(ImageLabelDataset):
+    """A CSV (header row) or JSONL list: an image path column (filepath, image, path, file_name) and a
+    `label` that is an int index into `classnames` or a class name. Relative paths are taken from the
+    list file's folder."""
+
+    def __init__(self, list_file: str | Path, preprocess: Callable, classnames: list[str]):
+        path = Path(list_file)
+        if not path.is_file():
+            raise UserError(f"{path}: no such list file")
+        index = {name: i for i, name in enumerate(classnames)}
+        items: list[tuple[str, int]] = []
+        path_field = None
+        for lineno, record in _read_records(path):
+            where = f"{path}:{lineno}"
+            if path_field is None:
+                path_field = next((f for f in PATH_FIELDS if f in record), None)
+                if path_field is None or "label" not in record:
+                    raise UserError(f"{path}: needs an image path column ({', '.join(PATH_FIELDS)}) and a "
+                                    f"'label' column; found {', '.join(map(str, record)) or 'none'}")
+            value = record.get(path_field)
+            if not value:
+                raise DataError(f"{where}: no image path in '{path_field}'")
+            raw = record.get("label")
+            label = _int_label(raw)
+            if label is None:
+                if not isinstance(raw, str) or raw.strip() not in index:
+                    raise DataError(f"{where}: label {raw!r} is not one of the {len(classnames)} class names")
+                label = index[raw.strip()]
+            elif not 0 <= label < len(classnames):
+                raise DataError(f"{where}: label {label} outside the {len(classnames)} class names")
+            image = Path(value)
+            items.append((str(image if image.is_absolute() else path.parent / image), label))
+        if not items:
+            raise UserError(f"{path}: no rows")
+        self.label_mapping = "list"
+        self.ignored = []
+        super().__init__(items, preprocess, classnames)
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack the good samples; unreadable ones go to "bad" as (path, reason)."""
+    good = [s for s in samples if "image" in s]
+    return {"image": torch.stack([s["image"] for s in good]) if good else None,
+            "label": torch.tensor([s["label"] for s in good], dtype=torch.long),
+            "bad": [s["bad"] for s in samples if "bad" in s]}
+
+
+def image_label_loader(dataset: Dataset, batch_size: int = 64, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate)
+
+
+class SkipUnreadable:
+    """Wraps a batch iterable: reports each unreadable image on stderr, keeps them in `skipped`, and
+    yields only batches with at least one image (batches without a "bad" list pass through)."""
+
+    def __init__(self, batches: Iterable[dict], report: bool = True):
+        self.batches = batches
+        self.report = report
+        self.skipped: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.batches:
+            for path, reason in batch.get("bad", ()):
+                self.skipped.append((path, reason))
+                if self.report:
+                    print(f"warning: skipped unreadable image {path} ({reason})", file=sys.stderr)
+            if batch["image"] is not None and len(batch["image"]):
+                yield batch
+
+
+def build_dataset(data: str, preprocess: Callable, classnames: list[str] | None) -> ImageLabelDataset:
+    """A FolderDataset or ListDataset for --data (see `dataset_kind`)."""
+    kind = dataset_kind(data)
+    if kind == "folder":
+        return FolderDataset(data, preprocess, classnames)
+    if kind == "list":
+        if classnames is None:
+            raise UserError(f"{data}: a list needs --classnames")
+        return ListDataset(data, preprocess, classnames)
+    raise UserError(f"{data}: not an image folder or a .csv/.jsonl list")

@@ -1,0 +1,300 @@
+"""Caption -> scene graph.
+
+Two parsers:
+
+* ``parse_simple``: a dependency-free parser for simple captions only: noun phrases
+  ``[a|an|the] [adjective ...] noun`` joined by a known relation phrase ("to the left of", "on",
+  "riding", ...) or by "and"/",". The last word of a noun phrase is its noun, the words before it are
+  attributes. It round-trips the shapes world's captions and ``SceneGraph.render`` output; it is not
+  a general English parser.
+* ``parse_doc`` / ``parse_caption``: rules over a spaCy dependency parse (nsubj / dobj / prep / pobj
+  / amod / compound / acomp / acl / relcl / conj), for real captions (COCO). ``parse_caption`` loads
+  spaCy's ``en_core_web_sm`` if it is installed; nothing is ever downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from mm.errors import UserError
+from mm.scenegraph.graph import PHRASE_PREDICATES, Relation, SceneGraph, SGObject
+
+SPACY_MODEL = "en_core_web_sm"
+INSTALL_HINT = f"pip install spacy && python -m spacy download {SPACY_MODEL}"
+
+
+class CaptionParseError(ValueError):
+    """A caption outside what parse_simple understands (raised only with strict=True)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The simple parser
+# ---------------------------------------------------------------------------------------------------
+
+# Phrases that join two noun phrases into a relation; matched longest first.
+RELATION_PHRASES = (
+    "to the left of", "to the right of", "left of", "right of", "in front of", "on top of",
+    "next to", "close to", "on the side of", "in the middle of", "inside of",
+    "above", "below", "on", "under", "underneath", "beneath", "over", "behind", "beside", "near",
+    "in", "inside", "at", "by", "with", "against", "across", "along", "around", "between",
+    "holding", "holds", "riding", "rides", "wearing", "wears", "carrying", "carries", "eating", "eats",
+    "sitting on", "sits on", "standing on", "stands on", "lying on", "lies on", "looking at",
+    "looks at", "watching", "watches", "chasing", "chases", "pulling", "pulls", "pushing", "pushes",
+    "throwing", "throws", "catching", "catches", "feeding", "feeds", "hitting", "hits", "has", "having",
+)
+_PHRASES = sorted((tuple(p.split()) for p in RELATION_PHRASES), key=len, reverse=True)
+_DETERMINERS = {"a", "an", "the"}
+_COPULAS = {"is", "are"}
+_SEPARATORS = {"and", ","}
+
+
+def _words(text: str) -> list[str]:
+    text = re.sub(r"[.!?;:\"]", " ", text.lower()).replace(",", " , ")
+    return text.split()
+
+
+def _phrase_at(words: list[str], i: int) -> tuple[str, ...] | None:
+    for phrase in _PHRASES:
+        if tuple(words[i : i + len(phrase)]) == phrase:
+            return phrase
+    return None
+
+
+def parse_simple(text: str, strict: bool = False) -> SceneGraph:
+    """Parse a simple caption (see the module docstring) into a scene graph.
+
+    A relation phrase joins the noun phrase before it (subject) to the one after it (object); an
+    optional "is"/"are" before the phrase is skipped. A noun phrase with "the" whose noun (and its
+    attributes, if it has any) matches an earlier object refers to that object, so rendered graphs
+    with repeated mentions parse back to the same graph. "to the left of" / "to the right of" become
+    the predicates "left of" / "right of". A caption outside this form gives an empty graph, or
+    CaptionParseError with strict=True.
+    """
+    words = _words(text)
+    objects: list[SGObject] = []
+    relations: list[Relation] = []
+    i, previous, pending = 0, None, None
+
+    def fail(why: str) -> SceneGraph:
+        if strict:
+            raise CaptionParseError(f"cannot parse {text!r} as a simple caption: {why}")
+        return SceneGraph()
+
+    if not words:
+        return fail("empty caption")
+    while i < len(words):
+        det = words[i] if words[i] in _DETERMINERS else None
+        i += det is not None
+        start = i
+        while i < len(words) and words[i] not in _SEPARATORS and _phrase_at(words, i) is None \
+                and not (words[i] in _COPULAS and _phrase_at(words, i + 1) is not None):
+            i += 1
+        if i == start:
+            return fail(f"expected a noun phrase at word {start + 1}")
+        *attributes, name = words[start:i]
+        index = _resolve(objects, det, name, attributes)
+        if pending is not None:
+            relations.append(Relation(previous, pending, index))
+            pending = None
+        previous = index
+        if i == len(words):
+            break
+        if words[i] in _SEPARATORS:
+            i += 1
+            previous = None
+            continue
+        i += words[i] in _COPULAS
+        phrase = _phrase_at(words, i)
+        i += len(phrase)
+        pending = PHRASE_PREDICATES.get(" ".join(phrase), " ".join(phrase))
+        if i == len(words):
+            return fail("a relation phrase without an object at the end")
+    return SceneGraph(objects, relations)
+
+
+def _resolve(objects: list[SGObject], det: str | None, name: str, attributes: list[str]) -> int:
+    if det == "the":
+        for j in range(len(objects) - 1, -1, -1):
+            if objects[j].name == name and (not attributes or objects[j].attributes == attributes):
+                return j
+    objects.append(SGObject(name, attributes))
+    return len(objects) - 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules over a spaCy dependency parse
+# ---------------------------------------------------------------------------------------------------
+
+# Nouns that, as the object of a preposition and followed by "of", are part of the relation phrase:
+# "in front of", "to the left of", "on top of", "on the side of".
+RELATIONAL_NOUNS = {"front", "left", "right", "top", "side", "back", "middle", "bottom", "edge", "center",
+                    "centre", "rear", "corner", "end", "inside", "outside"}
+_RELATIVE_PRONOUNS = {"who", "which", "that", "whom"}
+_BE = {"be", "is", "are", "was", "were", "been", "being", "'s", "'re"}
+_NOUN_POS = {"NOUN", "PROPN"}
+_VERB_POS = {"VERB", "AUX"}
+
+
+def _is_copula(tok: Any) -> bool:
+    return tok.lemma_.lower() == "be" or tok.lower_ in _BE
+
+
+def _relational(tok: Any) -> Any | None:
+    """For "left" in "to the left of X": the "of" preposition that carries X, else None."""
+    if tok.lower_ not in RELATIONAL_NOUNS:
+        return None
+    return next((c for c in tok.children if c.dep_ == "prep" and c.lower_ == "of"), None)
+
+
+def _is_entity(tok: Any) -> bool:
+    if tok.pos_ not in _NOUN_POS or tok.dep_ == "compound":
+        return False
+    return not (tok.dep_ == "pobj" and _relational(tok) is not None)
+
+
+def _with_conjuncts(tok: Any) -> list[Any]:
+    """tok and the tokens joined to it by conj ("a cat and a dog"), in order."""
+    out = [tok]
+    for c in tok.children:
+        if c.dep_ == "conj":
+            out += _with_conjuncts(c)
+    return out
+
+
+def _entities(tokens: list[Any]) -> list[Any]:
+    return [t for tok in tokens for t in _with_conjuncts(tok) if _is_entity(t)]
+
+
+def _verb_subjects(verb: Any) -> list[Any]:
+    subjects = [c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")]
+    found = _entities(subjects)
+    if found:
+        return found
+    relative = not subjects or all(s.lower_ in _RELATIVE_PRONOUNS for s in subjects)
+    if relative and verb.dep_ in ("acl", "relcl") and _is_entity(verb.head):
+        return [verb.head]  # "a man riding a horse", "a man who rides a horse"
+    if not subjects and verb.dep_ == "conj" and verb.head.pos_ in _VERB_POS:
+        return _verb_subjects(verb.head)  # "a man sits and reads a book"
+    return []
+
+
+def _verb_objects(verb: Any) -> list[Any]:
+    return _entities([c for c in verb.children if c.dep_ == "dobj"])
+
+
+def _prep_targets(prep: Any) -> tuple[str, list[Any]]:
+    """The relation phrase of a preposition (multi-word where a relational noun follows) and the
+    entities it points at."""
+    targets, words = [], [prep.lower_]
+    for pobj in (c for c in prep.children if c.dep_ == "pobj"):
+        of = _relational(pobj)
+        if of is not None:
+            det = [c.lower_ for c in pobj.children if c.dep_ == "det"]
+            words = [prep.lower_, *det, pobj.lower_, "of"]
+            targets += _entities([c for c in of.children if c.dep_ == "pobj"])
+        else:
+            targets += _entities([pobj])
+    return " ".join(words), targets
+
+
+def parse_doc(doc: Any) -> SceneGraph:
+    """Scene graph of one parsed caption (a spacy.tokens.Doc with pos, heads and dependency labels).
+
+    Objects: every noun / proper noun that is not a compound modifier (nor the "left" of "to the left
+    of"), in order; name = its compound modifiers + the word, lower-cased (surface form, so the graph
+    renders back to the caption's words). Attributes: amod children (and their conjuncts), adjective
+    compounds, and acomp of a copula whose subject it is ("the cat is black").
+    Relations:
+      * subject - verb - direct object: "a man rides a horse", "a man riding a horse" (acl),
+        "a man who rides a horse" (relcl);
+      * owner - preposition - prepositional object, where the owner is a noun ("a cat on a mat"), a
+        copula's subject ("the cat is on the mat": predicate "on"), or a verb's subject ("a cat sits on
+        a mat": predicate "sits on"; a verb with a direct object relates that object instead:
+        "a man holds a cup in a kitchen" -> (cup, in, kitchen)); multi-word phrases "next to"
+        (adverb + preposition), "in front of", "to the left of", "on top of" (relational noun + of);
+        passive agents ("a horse ridden by a man" -> (horse, ridden by, man));
+      * conjuncts share the relation ("a cat and a dog on a mat").
+    "to the left of" / "to the right of" become the predicates "left of" / "right of".
+    """
+    tokens = list(doc)
+    index = {t.i: k for k, t in enumerate(t for t in tokens if _is_entity(t))}
+    objects = []
+    for t in tokens:
+        if t.i not in index:
+            continue
+        compounds = [c for c in t.children if c.dep_ == "compound" and c.i < t.i]
+        name = " ".join([c.lower_ for c in compounds if c.pos_ != "ADJ"] + [t.lower_])
+        attributes = [c.lower_ for c in compounds if c.pos_ == "ADJ"]
+        for c in t.children:
+            if c.dep_ == "amod":
+                attributes += [a.lower_ for a in _with_conjuncts(c) if a.pos_ in ("ADJ", "VERB", "NOUN")
+                               or a is c]
+        objects.append(SGObject(name, attributes))
+    # Copula attributes: "the cat is black", "the cat and the dog are brown".
+    for t in tokens:
+        if t.pos_ in _VERB_POS and _is_copula(t):
+            adjectives = [a.lower_ for c in t.children if c.dep_ == "acomp" for a in _with_conjuncts(c)]
+            for s in _verb_subjects(t):
+                objects[index[s.i]].attributes += [a for a in adjectives
+                                                   if a not in objects[index[s.i]].attributes]
+
+    relations: list[Relation] = []
+
+    def add(subjects: list[Any], predicate: str, targets: list[Any]) -> None:
+        predicate = PHRASE_PREDICATES.get(predicate, predicate)
+        for s in subjects:
+            for o in targets:
+                r = Relation(index[s.i], predicate, index[o.i])
+                if s.i != o.i and r not in relations:
+                    relations.append(r)
+
+    for t in tokens:
+        if t.pos_ in _VERB_POS and not _is_copula(t):
+            add(_verb_subjects(t), t.lower_, _verb_objects(t))
+        if t.dep_ not in ("prep", "agent") or _relational(t.head) is t and t.head.dep_ == "pobj":
+            continue
+        phrase, targets = _prep_targets(t)
+        owner, words = t.head, [phrase]
+        while owner.pos_ in ("ADV", "ADJ") and owner.dep_ != "ROOT" and owner.head is not owner:
+            words.insert(0, owner.lower_)  # "next to", "close to"
+            owner = owner.head
+        phrase = " ".join(words)
+        if _is_entity(owner):
+            add([owner], phrase, targets)
+        elif owner.pos_ in _VERB_POS:
+            if _is_copula(owner):
+                add(_verb_subjects(owner), phrase, targets)
+            elif _verb_objects(owner):
+                add(_verb_objects(owner), phrase, targets)
+            else:
+                add(_verb_subjects(owner), f"{owner.lower_} {phrase}", targets)
+    return SceneGraph(objects, relations)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_nlp() -> Any | None:
+    try:
+        import spacy
+    except ImportError:
+        return None
+    if not spacy.util.is_package(SPACY_MODEL):
+        return None
+    return spacy.load(SPACY_MODEL, exclude=["ner"])
+
+
+def parse_caption(text: str, nlp: Any = None, fallback: bool = False) -> SceneGraph:
+    """Scene graph of a caption with spaCy rules (parse_doc).
+
+    `nlp`: a loaded spaCy pipeline with a parser; by default en_core_web_sm if installed. Without
+    spaCy or the model: parse_simple when fallback=True, else a UserError saying how to install them.
+    """
+    if nlp is None:
+        nlp = _default_nlp()
+        if nlp is None:
+            if fallback:
+                return parse_simple(text)
+            raise UserError(f"scene-graph parsing needs spaCy and its {SPACY_MODEL} model, which are not "
+                            f"installed: {INSTALL_HINT} (or use the simple built-in parser: fallback=True)")
+    return parse_doc(nlp(text))

@@ -1,0 +1,170 @@
+"""mm-zeroshot on an image folder and on a CSV/JSONL list: same metrics as the shards path on the same
+images; labels outside the class list; unreadable images; the built-in class-name sets."""
+
+import csv
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mm.data.classnames import load_classnames, load_templates
+from mm.errors import DataError
+from mm.evaluate.datasets import FolderDataset, ListDataset, dataset_kind, image_label_loader
+from mm.metrics.zeroshot import evaluate_zeroshot, evaluate_zeroshot_batches
+from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer
+
+CFG = ClipModelConfig(arch={"embed_dim": 32,
+                            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                           "head_width": 16},
+                            "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2,
+                                         "layers": 1}})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_clip(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """The tiny model as an mm export (weights + the metadata load_exported reads)."""
+    from mm.config import config_json
+    from mm.tasks.clip import ClipRunConfig
+
+    path = tmp_path_factory.mktemp("export") / "model.safetensors"
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"mm_task": "clip", "mm_config": config_json(ClipRunConfig(model=CFG)),
+                                          "mm_step": "0"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def val_images(shapes, tmp_path_factory):
+    """The shapes val shard's images as files: [(relative path, label, classname)] under `root`."""
+    root = tmp_path_factory.mktemp("val_images")
+    names = load_classnames("shapes")
+    rows = []
+    with tarfile.open(shapes["val"]) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(members):
+            if not name.endswith(".png") or name.endswith(".mask.png"):
+                continue
+            key = name[: -len(".png")]
+            meta = json.load(tar.extractfile(members[key + ".json"]))
+            rel = f"{names[meta['label']]}/{key.replace('/', '_')}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(tar.extractfile(members[name]).read())
+            rows.append((rel, meta["label"], names[meta["label"]]))
+    return root, rows
+
+
+def _shard_metrics(model, shapes):
+    tok, pre = clip_tokenizer(CFG), clip_preprocess(CFG, False)
+    return evaluate_zeroshot(model, tok, pre, shapes["val"], load_classnames("shapes"), load_templates("shapes"),
+                             batch_size=7)
+
+
+def _metrics(model, dataset):
+    return evaluate_zeroshot_batches(model, clip_tokenizer(CFG), image_label_loader(dataset, batch_size=5),
+                                     load_classnames("shapes"), load_templates("shapes"))
+
+
+def test_dataset_kind(tmp_path):
+    assert dataset_kind(str(tmp_path)) == "folder"
+    assert dataset_kind("x/list.csv") == dataset_kind("x/list.JSONL") == "list"
+    assert dataset_kind("x/shards-{000..009}.tar") == "shards"
+
+
+def test_folder_gives_the_shard_metrics(model, shapes, val_images):
+    root, rows = val_images
+    pre = clip_preprocess(CFG, False)
+    ours = _shard_metrics(model, shapes)
+    # Folders named by class: mapped by name onto the shapes list.
+    ds = FolderDataset(root, pre, load_classnames("shapes"))
+    assert ds.label_mapping == "by_name" and len(ds) == len(rows) == 24
+    assert _metrics(model, ds) == pytest.approx(ours)
+    # Without --classnames the sorted folder names are the classes (here the same 12 names, sorted).
+    plain = FolderDataset(root, pre)
+    assert plain.classnames == sorted(load_classnames("shapes"))
+
+
+def test_csv_and_jsonl_give_the_shard_metrics(model, shapes, val_images):
+    root, rows = val_images
+    pre = clip_preprocess(CFG, False)
+    ours = _shard_metrics(model, shapes)
+    with (root / "list.csv").open("w", newline="") as f:  # int labels, relative paths
+        w = csv.writer(f)
+        w.writerow(["filepath", "label"])
+        w.writerows((rel, label) for rel, label, _ in rows)
+    (root / "list.jsonl").write_text(  # class-name labels, absolute paths
+        "".join(json.dumps({"image": str(root / rel), "label": name}) + "\n" for rel, _, name in rows))
+    for name in ("list.csv", "list.jsonl"):
+        ds = ListDataset(root / name, pre, load_classnames("shapes"))
+        assert len(ds) == 24
+        assert _metrics(model, ds) == pytest.approx(ours), name
+
+
+def test_cli_on_a_folder_with_an_unreadable_image(exported, shapes, val_images, tmp_path, capsys):
+    from mm.evaluate.zeroshot import main
+
+    root, rows = val_images
+    folder = tmp_path / "imgs"
+    for rel, _, _ in rows:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes((root / rel).read_bytes())
+    broken = folder / rows[0][0].split("/")[0] / "broken.png"
+    broken.write_bytes(b"not a png")
+    out, png = tmp_path / "zs.json", tmp_path / "confusion.png"
+    assert main(["--checkpoint", str(exported), "--data", str(folder), "--classnames", "shapes",
+                 "--batch-size", "5", "--output", str(out), "--confusion", str(png)]) == 0
+    record = json.loads(out.read_text())
+    assert record["task"] == "zeroshot_classification" and record["dataset_type"] == "folder"
+    assert record["skipped_images"] == 1 and record["skipped"][0]["path"] == str(broken)
+    assert record["metrics"]["n_images"] == 24
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "broken.png" in capsys.readouterr().err
+    # The same images as shards give the same metrics through the CLI.
+    assert main(["--checkpoint", str(exported), "--data", shapes["val"], "--output", str(out)]) == 0
+    shard_record = json.loads(out.read_text())
+    assert shard_record["metrics"] == pytest.approx(record["metrics"])
+    assert shard_record["skipped_images"] == 0
+
+
+def test_label_outside_the_class_list_names_the_file(tmp_path):
+    pre = clip_preprocess(CFG, False)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("filepath,label\na.png,0\nb.png,12\n")
+    with pytest.raises(DataError, match=r"bad\.csv:3: label 12 outside the 12 class names"):
+        ListDataset(bad, pre, load_classnames("shapes"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"filepath": "a.png", "label": "purple hexagon"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: label 'purple hexagon' is not one of the 12"):
+        ListDataset(bad, pre, load_classnames("shapes"))
+    # An image folder with a class folder that is not in the list (and no positional match).
+    for name in ("red circle", "purple hexagon"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+    with pytest.raises(DataError, match=r"imgs/purple hexagon: folder 'purple hexagon' is not one of"):
+        FolderDataset(tmp_path / "imgs", pre, load_classnames("shapes"))
+
+
+@pytest.mark.parametrize("name,n_classes,n_templates", [("cifar10", 10, 18), ("cifar100", 100, 18),
+                                                        ("imagenet", 1000, 80), ("shapes", 12, 3)])
+def test_builtin_sets(name, n_classes, n_templates):
+    names, templates = load_classnames(name), load_templates(name)
+    assert len(names) == len(set(names)) == n_classes
+    assert len(templates) == len(set(templates)) == n_templates
+    assert all(t.count("{}") == 1 for t in templates)
+    if name != "shapes":
+        assert "a photo of a {}." in templates
+
+
+def test_png_bytes_helper_is_a_png():  # guards the PNG signature used above
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="PNG")
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
