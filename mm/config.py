@@ -27,7 +27,9 @@ class DataConfig:
     train_weights: list[float] = field(default_factory=list)  # one per source; needs resampled
     val: str = ""
     resampled: bool = False  # draw shards with replacement (needed for weighted mixing)
-    samples_per_epoch: int = 0  # nominal epoch length for logging; 0 = not set
+    # Training is counted in optimizer steps; with this set, the log also reports the fractional epoch
+    # (samples seen / samples_per_epoch), as open_clip does for resampled streams.
+    samples_per_epoch: int = 0
     batch_size: int = 32  # per rank, per micro-step
     num_workers: int = 2
     shuffle_buffer: int = 1000

@@ -21,9 +21,16 @@ def variants(shapes, tmp_path_factory):
     return json.loads((out / "variants.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["zero2_offload", "zero3_offload", "bf16_zero2", "pipe_urls"])
+@pytest.mark.parametrize("name", ["zero2_offload", "zero3_offload", "bf16_zero2", "pipe_urls", "grad_accum_2"])
 def test_variant_trains_and_exports_fp32(variants, name):
     r = variants[name]
     assert r["step"] == 3
     assert r["finite"]
     assert r["dtype"] == "torch.float32"
+
+
+def test_gradient_accumulation_counts_steps_and_epochs(variants):
+    r = variants["grad_accum_2"]
+    # 3 optimizer steps x 2 micro-batches of 8 samples, on one rank; the epoch is 64 samples.
+    assert r["batches"] == 6
+    assert r["epoch"] == pytest.approx(3 * 16 / 64)

@@ -98,13 +98,13 @@ def test_step0_equals_plain_sam_and_keeps_input_size(tiny_checkpoint):
     logits = model(x)
     assert logits.shape == (1, 1, 64, 64)
     expected = _plain_sam_logits(sam, image)
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     # A batch is decoded image by image: the same logits as one at a time.
     image2 = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(2))
     batch, _ = prepare_image(torch.stack([image, image2]), 64)
     both = model(batch)
-    torch.testing.assert_close(both[:1], logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(both[1:], _plain_sam_logits(sam, image2), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[:1], logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1:], _plain_sam_logits(sam, image2), atol=1e-5, rtol=1e-5)
 
 
 def test_only_lora_adapter_decoder_train(tiny_checkpoint):

@@ -177,6 +177,9 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                 values["samples_per_s"] = n_micro * cfg.data.batch_size * world / max(elapsed, 1e-9)
                 bad = _mean_over_ranks({"bad": float(loader.bad_counts.get("total", 0))})["bad"] * world
                 values["bad_samples"] = bad
+                if cfg.data.samples_per_epoch:
+                    global_batch = cfg.data.batch_size * tc.grad_accum * world
+                    values["epoch"] = step * global_batch / cfg.data.samples_per_epoch
                 logger.log(step, values)
                 if progress:
                     progress.set_postfix(loss=f"{values['loss']:.4f}")

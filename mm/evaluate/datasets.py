@@ -147,7 +147,9 @@ class ListDataset(ImageLabelDataset):
         path = Path(list_file)
         if not path.is_file():
             raise UserError(f"{path}: no such list file")
-        index = {name: i for i, name in enumerate(classnames)}
+        index: dict[str, int] = {}
+        for i, name in enumerate(classnames):
+            index.setdefault(name, i)  # a repeated name (ImageNet has two) means its first class
         items: list[tuple[str, int]] = []
         path_field = None
         for lineno, record in _read_records(path):

@@ -229,8 +229,7 @@ def parse_doc(doc: Any) -> SceneGraph:
         attributes = [c.lower_ for c in compounds if c.pos_ == "ADJ"]
         for c in t.children:
             if c.dep_ == "amod":
-                attributes += [a.lower_ for a in _with_conjuncts(c) if a.pos_ in ("ADJ", "VERB", "NOUN")
-                               or a is c]
+                attributes += [a.lower_ for a in _with_conjuncts(c)]
         objects.append(SGObject(name, attributes))
     # Copula attributes: "the cat is black", "the cat and the dog are brown".
     for t in tokens:
@@ -253,11 +252,14 @@ def parse_doc(doc: Any) -> SceneGraph:
     for t in tokens:
         if t.pos_ in _VERB_POS and not _is_copula(t):
             add(_verb_subjects(t), t.lower_, _verb_objects(t))
-        if t.dep_ not in ("prep", "agent") or _relational(t.head) is t and t.head.dep_ == "pobj":
+        if t.dep_ not in ("prep", "agent"):
             continue
+        of = _relational(t.head)
+        if t.head.dep_ == "pobj" and of is not None and of.i == t.i:
+            continue  # the "of" of "to the left of": handled with "to"
         phrase, targets = _prep_targets(t)
         owner, words = t.head, [phrase]
-        while owner.pos_ in ("ADV", "ADJ") and owner.dep_ != "ROOT" and owner.head is not owner:
+        while owner.pos_ in ("ADV", "ADJ") and owner.dep_ != "ROOT" and owner.head.i != owner.i:
             words.insert(0, owner.lower_)  # "next to", "close to"
             owner = owner.head
         phrase = " ".join(words)

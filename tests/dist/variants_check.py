@@ -24,6 +24,7 @@ def main(shards: str, out: str) -> None:
         "zero3_offload": ["train.deepspeed_config=configs/ds/zero3_offload.json"],
         "bf16_zero2": ["train.precision=bf16"],
         "pipe_urls": [f"data.train=pipe:cat {shards}"],
+        "grad_accum_2": ["train.grad_accum=2", "data.samples_per_epoch=64"],
     }
     results = {}
     for name, extra in variants.items():
@@ -33,7 +34,9 @@ def main(shards: str, out: str) -> None:
         weights = load_file(res["export"])
         results[name] = {"loss": res["last"]["loss"], "step": res["step"],
                          "finite": all(bool(w.isfinite().all()) for w in weights.values()),
-                         "dtype": str(next(iter(weights.values())).dtype)}
+                         "dtype": str(next(iter(weights.values())).dtype),
+                         "epoch": res["last"].get("epoch"),
+                         "batches": res["engine"].global_samples // 8}
         assert math.isfinite(res["last"]["loss"])
     Path(out, "variants.json").write_text(json.dumps(results))
 

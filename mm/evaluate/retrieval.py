@@ -1,0 +1,140 @@
+"""mm-retrieval: image->text and text->image recall@k of an exported model on image-text shards.
+
+Every image is in the gallery once; its captions are the json `captions` list (as `mm-shards coco`
+writes it) or else its txt caption, and every one of them counts as correct (CLIP_benchmark protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from mm.errors import UserError, cli_main
+
+
+def captions_map(preprocess: Callable) -> Callable[[dict, random.Random], dict[str, Any]]:
+    """Sample map: {image, captions (list of str)}; a sample without any caption is skipped and counted."""
+    from mm.data.image_text import decode_image, decode_json
+    from mm.data.loader import SampleError
+
+    def sample_map(raw: dict, rng: random.Random) -> dict[str, Any]:
+        meta = decode_json(raw)
+        captions = meta.get("captions")
+        if not (isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions)):
+            txt = raw.get("txt")
+            captions = [txt.decode("utf-8", "replace").strip()] if txt is not None else []
+        captions = [c.strip() for c in captions if c.strip()]
+        if not captions:
+            raise SampleError("missing_caption", raw.get("__key__", "?"))
+        return {"image": preprocess(decode_image(raw)), "captions": captions, "key": raw["__key__"]}
+
+    return sample_map
+
+
+def retrieval_batches(preprocess: Callable, urls: str, batch_size: int = 64, num_workers: int = 0):
+    """One pass over image-text shards through the shared loader (no shuffling)."""
+    from mm.data.loader import Loader, StreamSpec, default_collate
+
+    spec = StreamSpec(urls=urls, sample_map=captions_map(preprocess), collate=default_collate,
+                      batch_size=batch_size, num_workers=num_workers, shuffle_buffer=0, repeat=False,
+                      drop_last=False)
+    return Loader(spec)
+
+
+@torch.no_grad()
+def retrieval_embeddings(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                         device: torch.device | str = "cpu", text_batch_size: int = 256
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image embeddings, caption embeddings, caption -> image index), all normalised, on the CPU."""
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    images, texts, owners = [], [], []
+    n_images = 0
+    try:
+        for batch in batches:
+            images.append(F.normalize(model.encode_image(batch["image"].to(device, dtype)).float(), dim=-1).cpu())
+            captions = [c for caps in batch["captions"] for c in caps]
+            owners.extend(n_images + i for i, caps in enumerate(batch["captions"]) for _ in caps)
+            n_images += len(batch["captions"])
+            for start in range(0, len(captions), text_batch_size):
+                tokens = tokenizer(captions[start:start + text_batch_size]).to(device)
+                texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    if not images:
+        raise UserError("no image-caption samples to evaluate")
+    return torch.cat(images), torch.cat(texts), torch.tensor(owners, dtype=torch.long)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mm-retrieval",
+        description="Image->text and text->image recall@k (CLIP_benchmark protocol: each image once in the "
+                    "gallery, all its captions correct) of an exported model on image-text shards.")
+    p.add_argument("--checkpoint", required=True, help="exported safetensors file written by a train/ run")
+    p.add_argument("--data", required=True,
+                   help="WebDataset shards; captions from json 'captions' (mm-shards coco) or else the txt")
+    p.add_argument("--ks", default="1,5,10", help="comma-separated k values (default 1,5,10)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--output", help="write the metrics JSON here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tqdm import tqdm
+
+    from mm.engine.checkpoint import load_exported
+    from mm.metrics.retrieval import retrieval_recall
+    from mm.models.clip import clip_preprocess, clip_tokenizer
+
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+    except ValueError:
+        raise UserError(f"--ks: {args.ks!r} is not a comma-separated list of integers") from None
+    if not ks or min(ks) < 1:
+        raise UserError(f"--ks: {args.ks!r}: every k must be >= 1")
+    task, cfg, model = load_exported(args.checkpoint)
+    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+        raise UserError(f"{args.checkpoint}: a {task.name} model has no encode_image/encode_text")
+    tokenizer, preprocess = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+    loader = retrieval_batches(preprocess, args.data, args.batch_size, args.workers)
+    batches = tqdm(loader, desc="retrieval", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty(),
+                   leave=False)
+    image_emb, text_emb, text_to_image = retrieval_embeddings(model, tokenizer, batches)
+    metrics = retrieval_recall(image_emb, text_emb, text_to_image, ks)
+    record = {"dataset": args.data, "model": cfg.model.name or "inline architecture",
+              "pretrained": str(args.checkpoint), "checkpoint": str(args.checkpoint),
+              "task": "zeroshot_retrieval", "model_task": task.name, "metrics": metrics,
+              "ks": list(ks), "batch_size": args.batch_size,
+              "captions_per_image": len(text_emb) / max(1, len(image_emb))}
+    bad = loader.bad_counts
+    if bad:
+        record["bad_samples"] = bad
+    text = json.dumps(record)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/{metrics[f'text_to_image_recall@{k}']:.3f}"
+                      for k in ks)
+    print(f"retrieval {task.name} (image->text/text->image): {parts} on {len(image_emb)} images, "
+          f"{len(text_emb)} captions")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
