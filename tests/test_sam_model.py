@@ -13,11 +13,20 @@ import torch
 from torch import nn
 
 from mm.errors import UserError
-from mm.models.sam import (SamModelConfig, build_sam, build_topolora_sam, merge_lora, prepare_image,
-                           prepare_mask, resized_shape, restore_logits, trainable_parameter_report)
+from mm.models.sam import (
+    SamModelConfig,
+    build_sam,
+    build_topolora_sam,
+    merge_lora,
+    prepare_image,
+    prepare_mask,
+    resized_shape,
+    restore_logits,
+    trainable_parameter_report,
+)
 
-TINY = dict(variant="custom", encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-            encoder_global_attn_indexes=[1], image_size=64)
+TINY = {"variant": "custom", "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
+        "encoder_global_attn_indexes": [1], "image_size": 64}
 
 
 def _plain_sam(image_size: int, dim: int = 32, seed: int = 0):
@@ -30,8 +39,8 @@ def _plain_sam(image_size: int, dim: int = 32, seed: int = 0):
     sam = Sam(
         image_encoder=ImageEncoderViT(depth=2, embed_dim=dim, img_size=image_size, mlp_ratio=4,
                                       norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
-                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=14,
-                                      out_chans=256),
+                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1],
+                                      window_size=14, out_chans=256),
         prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
                                      input_image_size=(image_size, image_size), mask_in_chans=16),
         mask_decoder=MaskDecoder(num_multimask_outputs=3,
@@ -193,3 +202,15 @@ def test_pre_and_post_processing():
     assert mask.shape == (1, 1, 64, 64) and mask[..., :32, :].min() == 1 and mask[..., 32:, :].max() == 0
     back = restore_logits(mask, hw, (50, 100))
     assert back.shape == (1, 1, 50, 100) and torch.all(back == 1)
+
+
+def test_wrong_variant_message_names_it(tmp_path):
+    from mm.models.sam import _describe_encoder
+
+    state = {"image_encoder.patch_embed.proj.weight": torch.empty(1024, 3, 16, 16)}
+    state.update({f"image_encoder.blocks.{i}.norm1.weight": torch.empty(1024) for i in range(24)})
+    assert _describe_encoder(state) == " (it holds a vit_l image encoder)"
+    path = tmp_path / "sam_vit_l_like.pth"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"sam_vit_l_like\.pth does not fit custom \(it holds a vit_l"):
+        build_topolora_sam(SamModelConfig(**TINY, checkpoint=str(path)))

@@ -41,12 +41,12 @@ WINDOW_SIZE = 14
 
 # The sizes segment_anything's build_sam.py gives each released image encoder.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
-                  encoder_global_attn_indexes=[2, 5, 8, 11]),
-    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
-                  encoder_global_attn_indexes=[5, 11, 17, 23]),
-    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
-                  encoder_global_attn_indexes=[7, 15, 23, 31]),
+    "vit_b": {"encoder_embed_dim": 768, "encoder_depth": 12, "encoder_num_heads": 12,
+              "encoder_global_attn_indexes": [2, 5, 8, 11]},
+    "vit_l": {"encoder_embed_dim": 1024, "encoder_depth": 24, "encoder_num_heads": 16,
+              "encoder_global_attn_indexes": [5, 11, 17, 23]},
+    "vit_h": {"encoder_embed_dim": 1280, "encoder_depth": 32, "encoder_num_heads": 16,
+              "encoder_global_attn_indexes": [7, 15, 23, 31]},
 }
 LORA_TARGETS = ("mlp.lin1", "mlp.lin2", "attn.qkv", "attn.proj")
 
@@ -70,9 +70,9 @@ class SamModelConfig:
 
 def encoder_sizes(cfg: SamModelConfig) -> dict[str, Any]:
     if cfg.variant == "custom":
-        return dict(encoder_embed_dim=cfg.encoder_embed_dim, encoder_depth=cfg.encoder_depth,
-                    encoder_num_heads=cfg.encoder_num_heads,
-                    encoder_global_attn_indexes=list(cfg.encoder_global_attn_indexes))
+        return {"encoder_embed_dim": cfg.encoder_embed_dim, "encoder_depth": cfg.encoder_depth,
+                "encoder_num_heads": cfg.encoder_num_heads,
+                "encoder_global_attn_indexes": list(cfg.encoder_global_attn_indexes)}
     if cfg.variant not in VARIANTS:
         raise UserError(f"SAM variant must be one of {', '.join([*VARIANTS, 'custom'])}, got {cfg.variant!r}")
     return dict(VARIANTS[cfg.variant])
@@ -84,7 +84,8 @@ def _check_config(cfg: SamModelConfig) -> None:
         raise UserError(f"SAM image_size must be a positive multiple of {PATCH_SIZE}, got {cfg.image_size}")
     dim, heads, depth = sizes["encoder_embed_dim"], sizes["encoder_num_heads"], sizes["encoder_depth"]
     if dim < 1 or heads < 1 or dim % heads:
-        raise UserError(f"SAM encoder_embed_dim {dim} must be a positive multiple of encoder_num_heads {heads}")
+        raise UserError(f"SAM encoder_embed_dim {dim} must be a positive multiple of "
+                        f"encoder_num_heads {heads}")
     bad = [i for i in sizes["encoder_global_attn_indexes"] if not 0 <= i < depth]
     if depth < 1 or bad:
         raise UserError(f"SAM encoder_global_attn_indexes {bad} lie outside the {depth} blocks")
@@ -97,7 +98,8 @@ def _check_config(cfg: SamModelConfig) -> None:
 
 
 def _target_name(target: str) -> str:
-    return {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}.get(target, target)
+    short = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
+    return short.get(target, target)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def resize_position_embeddings(state: dict[str, torch.Tensor], sam: nn.Module) -
                                     mode="bicubic", align_corners=False)
             out[key] = resized.permute(0, 2, 3, 1).to(src.dtype).contiguous()
     for key, dst in own.items():
-        if not (key.endswith(".attn.rel_pos_h") or key.endswith(".attn.rel_pos_w")) or key not in state:
+        if not key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) or key not in state:
             continue
         src = state[key]
         if src.shape != dst.shape and src.dim() == 2 and src.shape[1] == dst.shape[1]:
@@ -270,8 +272,9 @@ class TopoLoraSam(nn.Module):
         image_pe = self.prompt_encoder.get_dense_pe()
         # The mask decoder repeats each image embedding once per prompt of a batch of prompts for ONE
         # image, so images are decoded one at a time (as Sam.forward does).
-        masks = [self.mask_decoder(image_embeddings=e[None], image_pe=image_pe, sparse_prompt_embeddings=sparse,
-                                   dense_prompt_embeddings=dense, multimask_output=False)[0]
+        masks = [self.mask_decoder(image_embeddings=e[None], image_pe=image_pe,
+                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                   multimask_output=False)[0]
                  for e in embeddings]
         return torch.cat(masks, dim=0)
 
@@ -364,8 +367,9 @@ def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
 
 def prepare_image(images: torch.Tensor, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Model input from images in 0..255, (B, C, H, W) or (C, H, W) with C = 1 (grey, repeated) or 3:
-    resize the longest side to image_size (bilinear, antialiased), normalise with SAM's pixel mean/std,
-    pad bottom/right with zeros (SAM pads after normalising). Returns (input, (h, w) after resizing)."""
+    resize the longest side to image_size (antialiased bicubic, clamped to 0..255, close to the PIL bicubic
+    resize of SAM's ResizeLongestSide), normalise with SAM's pixel mean/std, pad bottom/right with zeros
+    (SAM pads after normalising). Returns (input, (h, w) after resizing)."""
     x = images[None] if images.dim() == 3 else images
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -374,7 +378,7 @@ def prepare_image(images: torch.Tensor, image_size: int) -> tuple[torch.Tensor, 
     x = x.float()
     h, w = resized_shape(x.shape[-2], x.shape[-1], image_size)
     if (h, w) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
     mean = torch.tensor(PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std

@@ -137,15 +137,20 @@ _NOUN_POS = {"NOUN", "PROPN"}
 _VERB_POS = {"VERB", "AUX"}
 
 
+def _low(tok: Any) -> str:
+    # token.text, not token.lower_: a bare Vocab (hand-built Docs) has no lexical attributes.
+    return tok.text.lower()
+
+
 def _is_copula(tok: Any) -> bool:
-    return tok.lemma_.lower() == "be" or tok.lower_ in _BE
+    return tok.lemma_.lower() == "be" or _low(tok) in _BE
 
 
 def _relational(tok: Any) -> Any | None:
     """For "left" in "to the left of X": the "of" preposition that carries X, else None."""
-    if tok.lower_ not in RELATIONAL_NOUNS:
+    if _low(tok) not in RELATIONAL_NOUNS:
         return None
-    return next((c for c in tok.children if c.dep_ == "prep" and c.lower_ == "of"), None)
+    return next((c for c in tok.children if c.dep_ == "prep" and _low(c) == "of"), None)
 
 
 def _is_entity(tok: Any) -> bool:
@@ -172,7 +177,7 @@ def _verb_subjects(verb: Any) -> list[Any]:
     found = _entities(subjects)
     if found:
         return found
-    relative = not subjects or all(s.lower_ in _RELATIVE_PRONOUNS for s in subjects)
+    relative = not subjects or all(_low(s) in _RELATIVE_PRONOUNS for s in subjects)
     if relative and verb.dep_ in ("acl", "relcl") and _is_entity(verb.head):
         return [verb.head]  # "a man riding a horse", "a man who rides a horse"
     if not subjects and verb.dep_ == "conj" and verb.head.pos_ in _VERB_POS:
@@ -187,12 +192,12 @@ def _verb_objects(verb: Any) -> list[Any]:
 def _prep_targets(prep: Any) -> tuple[str, list[Any]]:
     """The relation phrase of a preposition (multi-word where a relational noun follows) and the
     entities it points at."""
-    targets, words = [], [prep.lower_]
+    targets, words = [], [_low(prep)]
     for pobj in (c for c in prep.children if c.dep_ == "pobj"):
         of = _relational(pobj)
         if of is not None:
-            det = [c.lower_ for c in pobj.children if c.dep_ == "det"]
-            words = [prep.lower_, *det, pobj.lower_, "of"]
+            det = [_low(c) for c in pobj.children if c.dep_ == "det"]
+            words = [_low(prep), *det, _low(pobj), "of"]
             targets += _entities([c for c in of.children if c.dep_ == "pobj"])
         else:
             targets += _entities([pobj])
@@ -215,7 +220,9 @@ def parse_doc(doc: Any) -> SceneGraph:
         "a man holds a cup in a kitchen" -> (cup, in, kitchen)); multi-word phrases "next to"
         (adverb + preposition), "in front of", "to the left of", "on top of" (relational noun + of);
         passive agents ("a horse ridden by a man" -> (horse, ridden by, man));
-      * conjuncts share the relation ("a cat and a dog on a mat").
+      * conjuncts of a verb's subject or object share its relation ("a man and a woman ride horses";
+        a preposition attached to a noun stays with that noun: "a cat and a dog on a sofa" -> (dog, on,
+        sofa) only, as the parse says).
     "to the left of" / "to the right of" become the predicates "left of" / "right of".
     """
     tokens = list(doc)
@@ -225,16 +232,16 @@ def parse_doc(doc: Any) -> SceneGraph:
         if t.i not in index:
             continue
         compounds = [c for c in t.children if c.dep_ == "compound" and c.i < t.i]
-        name = " ".join([c.lower_ for c in compounds if c.pos_ != "ADJ"] + [t.lower_])
-        attributes = [c.lower_ for c in compounds if c.pos_ == "ADJ"]
+        name = " ".join([_low(c) for c in compounds if c.pos_ != "ADJ"] + [_low(t)])
+        attributes = [_low(c) for c in compounds if c.pos_ == "ADJ"]
         for c in t.children:
             if c.dep_ == "amod":
-                attributes += [a.lower_ for a in _with_conjuncts(c)]
+                attributes += [_low(a) for a in _with_conjuncts(c)]
         objects.append(SGObject(name, attributes))
     # Copula attributes: "the cat is black", "the cat and the dog are brown".
     for t in tokens:
         if t.pos_ in _VERB_POS and _is_copula(t):
-            adjectives = [a.lower_ for c in t.children if c.dep_ == "acomp" for a in _with_conjuncts(c)]
+            adjectives = [_low(a) for c in t.children if c.dep_ == "acomp" for a in _with_conjuncts(c)]
             for s in _verb_subjects(t):
                 objects[index[s.i]].attributes += [a for a in adjectives
                                                    if a not in objects[index[s.i]].attributes]
@@ -251,7 +258,7 @@ def parse_doc(doc: Any) -> SceneGraph:
 
     for t in tokens:
         if t.pos_ in _VERB_POS and not _is_copula(t):
-            add(_verb_subjects(t), t.lower_, _verb_objects(t))
+            add(_verb_subjects(t), _low(t), _verb_objects(t))
         if t.dep_ not in ("prep", "agent"):
             continue
         of = _relational(t.head)
@@ -260,7 +267,7 @@ def parse_doc(doc: Any) -> SceneGraph:
         phrase, targets = _prep_targets(t)
         owner, words = t.head, [phrase]
         while owner.pos_ in ("ADV", "ADJ") and owner.dep_ != "ROOT" and owner.head.i != owner.i:
-            words.insert(0, owner.lower_)  # "next to", "close to"
+            words.insert(0, _low(owner))  # "next to", "close to"
             owner = owner.head
         phrase = " ".join(words)
         if _is_entity(owner):
@@ -271,7 +278,7 @@ def parse_doc(doc: Any) -> SceneGraph:
             elif _verb_objects(owner):
                 add(_verb_objects(owner), phrase, targets)
             else:
-                add(_verb_subjects(owner), f"{owner.lower_} {phrase}", targets)
+                add(_verb_subjects(owner), f"{_low(owner)} {phrase}", targets)
     return SceneGraph(objects, relations)
 
 

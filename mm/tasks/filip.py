@@ -75,8 +75,9 @@ def tokenwise_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: 
                       collate=default_collate, batch_size=batch_size, num_workers=num_workers,
                       shuffle_buffer=0, repeat=False, drop_last=False)
     all_logits, all_labels = [], []
+    dtype = next(model.parameters()).dtype  # bf16 engines hold bf16 weights
     for batch in Loader(spec):
-        img, img_mask = model.encode_image_tokens(batch["image"].to(device))
+        img, img_mask = model.encode_image_tokens(batch["image"].to(device, dtype))
         all_logits.append(tokenwise_logits(img, img_mask, class_tokens, class_mask, len(classnames)).cpu())
         all_labels.append(batch["label"])
     model.train(was_training)
