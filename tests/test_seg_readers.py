@@ -99,6 +99,15 @@ def test_drive(tmp_path):
     with pytest.raises(UserError, match="split"):
         read_drive(root, "val")
 
+    # The same through the command line: `mm-shards dataset`.
+    from mm.data.cli import main
+
+    assert main(["dataset", "--name", "DRIVE", "--root", str(root), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "drive-train-000000.tar").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dataset", "--name", "nope", "--root", str(root), "--out", str(tmp_path / "cli")])
+    assert exit_info.value.code == 2
+
 
 def test_stare_ppm_and_gzip_with_derived_fov(tmp_path):
     root = tmp_path / "STARE"

@@ -4,6 +4,7 @@
   mm-shards folder --images imgs/ --captions captions.csv --out data/pairs
   mm-shards coco --annotations captions_val2017.json --images val2017/ --out data/coco
   mm-shards seg --images DRIVE/training/images --masks DRIVE/training/1st_manual --out data/drive
+  mm-shards dataset --name drive --root DRIVE/ --split train --out data/drive
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, help="shrink images (and masks) so the longest side is at most "
                                                 "this many pixels; default: keep the size")
     _add_output_options(p, prefix="seg", shard_size=1000, images=False)
+
+    p = commands.add_parser(
+        "dataset", help="a segmentation dataset in its distributed layout (DRIVE, STARE, CHASE_DB1, "
+                        "Kvasir-SEG, SL-SSDD)",
+        description="Reads the dataset's own folder layout (see mm/data/seg_readers.py), derives "
+                    "field-of-view masks where the dataset has none, and writes segmentation shards.")
+    p.add_argument("--name", required=True, help="drive, stare, chase_db1, kvasir_seg or sl_ssdd")
+    p.add_argument("--root", required=True, help="the dataset's top folder as downloaded")
+    p.add_argument("--split", default="train", choices=("train", "test", "all"))
+    p.add_argument("--max-size", type=int, help="shrink images (and masks) so the longest side is at most "
+                                                "this many pixels; default: keep the size")
+    _add_output_options(p, prefix="", shard_size=1000, images=False)
     return parser
 
 
@@ -97,7 +110,7 @@ def _add_output_options(p: argparse.ArgumentParser, prefix: str, shard_size: int
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--shard-size", type=int, default=shard_size,
                    help=f"samples per shard (default {shard_size})")
-    p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix})")
+    p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix or '<dataset>-<split>'})")
     if images:
         p.add_argument("--reencode", choices=ENCODINGS,
                        help="re-encode every image in this format; default: keep the original bytes "
@@ -126,6 +139,12 @@ def _run(args: argparse.Namespace) -> ShardReport:
     if args.command == "coco":
         return write_coco_shards(args.annotations, args.images, args.out, reencode=args.reencode,
                                  max_size=args.max_size, **common)
+    if args.command == "dataset":
+        from mm.data.seg_readers import write_dataset_shards
+
+        common["prefix"] = args.prefix or None  # default: <dataset>-<split>
+        return write_dataset_shards(args.name, args.root, args.out, split=args.split, max_size=args.max_size,
+                                    **common)
     return write_segmentation_shards(args.images, args.masks, args.out, max_size=args.max_size,
                                      fov_dir=args.fov, mask_suffix=args.mask_suffix,
                                      fov_suffix=args.fov_suffix, **common)
