@@ -4,6 +4,7 @@ images; labels outside the class list; unreadable images; the built-in class-nam
 import csv
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +37,8 @@ def exported(model, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("export") / "model.safetensors"
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"mm_task": "clip", "mm_config": config_json(ClipRunConfig(model=CFG)),
-                                          "mm_step": "0"})
+    meta = {"mm_task": "clip", "mm_config": config_json(ClipRunConfig(model=CFG)), "mm_step": "0"}
+    save_file(state, str(path), metadata=meta)
     return path
 
 
@@ -63,8 +64,8 @@ def val_images(shapes, tmp_path_factory):
 
 def _shard_metrics(model, shapes):
     tok, pre = clip_tokenizer(CFG), clip_preprocess(CFG, False)
-    return evaluate_zeroshot(model, tok, pre, shapes["val"], load_classnames("shapes"), load_templates("shapes"),
-                             batch_size=7)
+    return evaluate_zeroshot(model, tok, pre, shapes["val"], load_classnames("shapes"),
+                             load_templates("shapes"), batch_size=7)
 
 
 def _metrics(model, dataset):
@@ -154,9 +155,35 @@ def test_label_outside_the_class_list_names_the_file(tmp_path):
                                                         ("imagenet", 1000, 80), ("shapes", 12, 3)])
 def test_builtin_sets(name, n_classes, n_templates):
     names, templates = load_classnames(name), load_templates(name)
-    assert len(names) == n_classes  # (open_clip's curated ImageNet names repeat two names, as in CLIP's notebook)
+    assert len(names) == n_classes  # (open_clip's curated ImageNet names repeat two, as CLIP's notebook does)
     assert len(templates) == len(set(templates)) == n_templates
     assert all(t.count("{}") == 1 for t in templates)
     if name != "shapes":
         assert "a photo of a {}." in templates
 
+
+
+def test_tokenwise_scoring_on_a_folder_equals_the_shards_path(shapes, val_images):
+    from mm.config import load_config
+    from mm.evaluate.zeroshot import tokenwise_predictions
+    from mm.metrics.zeroshot import classification_metrics
+    from mm.tasks import get_task
+    from mm.tasks.filip import tokenwise_zeroshot
+
+    task = get_task("filip")
+    tiny = ["model.arch.embed_dim=32", "model.arch.vision_cfg.width=32",
+            "model.arch.vision_cfg.head_width=16",
+            "model.arch.vision_cfg.layers=1", "model.arch.text_cfg.width=32", "model.arch.text_cfg.layers=1",
+            "model.embed_dim=24"]
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/filip/tiny.yaml", tiny, task.config_class)
+    torch.manual_seed(0)
+    filip = task.build_model(cfg).eval()
+    tok, pre = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+    names, templates = load_classnames("shapes"), load_templates("shapes")
+    ref = tokenwise_zeroshot(filip, tok, pre, shapes["val"], names, templates, batch_size=7)
+    ds = FolderDataset(val_images[0], pre, names)
+    logits, labels = tokenwise_predictions(filip, tok, image_label_loader(ds, batch_size=5), names, templates)
+    got = classification_metrics(logits, labels, len(names))
+    assert len(labels) == ref["n_images"] == 24
+    assert got == pytest.approx({k: v for k, v in ref.items() if k != "n_images"})

@@ -20,7 +20,8 @@ def _shapes_classnames() -> list[str]:
     return list(CLASSNAMES)
 
 
-CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSNAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                      "truck")
 
 CIFAR100_CLASSNAMES = (
     "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",

@@ -61,7 +61,8 @@ def retrieval_embeddings(model: torch.nn.Module, tokenizer: Callable, batches: I
     n_images = 0
     try:
         for batch in batches:
-            images.append(F.normalize(model.encode_image(batch["image"].to(device, dtype)).float(), dim=-1).cpu())
+            feats = model.encode_image(batch["image"].to(device, dtype)).float()
+            images.append(F.normalize(feats, dim=-1).cpu())
             captions = [c for caps in batch["captions"] for c in caps]
             owners.extend(n_images + i for i, caps in enumerate(batch["captions"]) for _ in caps)
             n_images += len(batch["captions"])
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
-    parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/{metrics[f'text_to_image_recall@{k}']:.3f}"
-                      for k in ks)
+    parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/"
+                      f"{metrics[f'text_to_image_recall@{k}']:.3f}" for k in ks)
     print(f"retrieval {task.name} (image->text/text->image): {parts} on {len(image_emb)} images, "
           f"{len(text_emb)} captions")
     print(text)

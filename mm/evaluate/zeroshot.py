@@ -22,15 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "logits 100 x cos) of an exported model (runs/<name>/export/model.safetensors).")
     p.add_argument("--checkpoint", required=True, help="exported safetensors file written by a train/ run")
     p.add_argument("--data", required=True,
-                   help="a directory: image folder, one sub-folder per class; a .csv/.jsonl file: list with an "
-                        "image path column (filepath/image) and a label (int or class name); anything else: "
-                        "WebDataset shards whose json carries an int 'label'")
+                   help="a directory: image folder, one sub-folder per class; a .csv/.jsonl file: list with "
+                        "an image path column (filepath/image) and a label (int or class name); anything "
+                        "else: WebDataset shards whose json carries an int 'label'")
     p.add_argument("--classnames", default=None,
                    help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one name per line "
                         "(default: the folder names for an image folder, else shapes)")
     p.add_argument("--templates", default=None,
-                   help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one template with {} per "
-                        "line (default: the built-in set named by --classnames if there is one, else shapes)")
+                   help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one template with {} "
+                        "per line (default: the built-in set named by --classnames if there is one, else "
+                        "shapes)")
     p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
                    help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
                         "late-interaction score, averaged over templates (FILIP models)")
@@ -61,7 +62,8 @@ def tokenwise_predictions(model, tokenizer, batches, classnames, templates, devi
 
     model.eval()
     with torch.no_grad():
-        class_tokens, class_mask = tokenwise_classifier_tokens(model, tokenizer, classnames, templates, device)
+        class_tokens, class_mask = tokenwise_classifier_tokens(model, tokenizer, classnames, templates,
+                                                               device)
         logits, labels = [], []
         for batch in batches:
             img, img_mask = model.encode_image_tokens(batch["image"].to(device))
@@ -109,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
     from mm.engine.checkpoint import load_exported
     from mm.evaluate.datasets import SkipUnreadable, build_dataset, dataset_kind, image_label_loader
-    from mm.metrics.zeroshot import (classification_metrics, confusion_matrix, labelled_shard_batches,
-                                     zeroshot_predictions)
+    from mm.metrics.zeroshot import (
+        classification_metrics,
+        confusion_matrix,
+        labelled_shard_batches,
+        zeroshot_predictions,
+    )
     from mm.models.clip import clip_preprocess, clip_tokenizer
 
     kind = dataset_kind(args.data)

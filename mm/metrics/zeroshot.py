@@ -11,15 +11,18 @@ import torch.nn.functional as F
 @torch.no_grad()
 def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor],
                      tokenizer: Callable[[list[str]], torch.Tensor],
-                     classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
-                     ) -> torch.Tensor:
-    """(embed_dim, n_classes): per class, embed every filled template, normalise, average, renormalise."""
+                     classnames: list[str], templates: list[str], device: torch.device | str = "cpu",
+                     classes_per_batch: int = 10) -> torch.Tensor:
+    """(embed_dim, n_classes): per class, embed every filled template, normalise, average, renormalise.
+
+    The prompts of `classes_per_batch` classes go through the text tower in one forward."""
     weights = []
-    for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        emb = F.normalize(encode_text(tokens).float(), dim=-1).mean(0)
-        weights.append(F.normalize(emb, dim=0))
-    return torch.stack(weights, dim=1)
+    for start in range(0, len(classnames), max(1, classes_per_batch)):
+        names = classnames[start:start + max(1, classes_per_batch)]
+        tokens = tokenizer([t.format(name) for name in names for t in templates]).to(device)
+        emb = F.normalize(encode_text(tokens).float(), dim=-1).view(len(names), len(templates), -1).mean(1)
+        weights.append(F.normalize(emb, dim=-1))
+    return torch.cat(weights).T
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, float]:
@@ -70,13 +73,17 @@ def labelled_map(image_map: Callable, n_classes: int) -> Callable:
 
 def labelled_shard_batches(preprocess: Callable, tokenizer: Callable, urls: str, n_classes: int,
                            batch_size: int = 64, num_workers: int = 0):
-    """One pass over labelled shards through the shared loader: batches with `image` and `label`."""
-    from mm.data.image_text import image_text_map
+    """One pass over labelled shards through the shared loader: batches with `image` and `label`.
+    (`tokenizer` is unused: captions are not needed, so they are not tokenised per sample.)"""
+    from mm.data.image_text import decode_image, decode_json
     from mm.data.loader import Loader, StreamSpec, default_collate
 
-    spec = StreamSpec(urls=urls, sample_map=labelled_map(image_text_map(preprocess, tokenizer, False), n_classes),
-                      collate=default_collate, batch_size=batch_size, num_workers=num_workers,
-                      shuffle_buffer=0, repeat=False, drop_last=False)
+    def image_map(raw: dict, rng) -> dict:
+        return {"image": preprocess(decode_image(raw)), "key": raw["__key__"], "meta": decode_json(raw)}
+
+    sample_map = labelled_map(image_map, n_classes)
+    spec = StreamSpec(urls=urls, sample_map=sample_map, collate=default_collate, batch_size=batch_size,
+                      num_workers=num_workers, shuffle_buffer=0, repeat=False, drop_last=False)
     return Loader(spec)
 
 
@@ -109,7 +116,8 @@ def evaluate_zeroshot_batches(model: torch.nn.Module, tokenizer: Callable, batch
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(n_classes, n_classes) counts: row = true class, column = predicted class."""
     pred = logits.argmax(1)
-    return torch.bincount(labels * n_classes + pred, minlength=n_classes * n_classes).view(n_classes, n_classes)
+    counts = torch.bincount(labels * n_classes + pred, minlength=n_classes * n_classes)
+    return counts.view(n_classes, n_classes)
 
 
 def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, urls: str,
