@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default, on the CPU: synthetic shapes-world shards ->
-# each landed trainer (CLIP baseline, FILIP) trained by 2 ranks under the deepspeed launcher with
-# ZeRO-2 -> exported weights -> zero-shot classification of held-out images, next to chance level.
+# each landed trainer (CLIP baseline, FILIP, TopoLoRA-SAM) trained by 2 ranks under the deepspeed launcher with
+# ZeRO-2 -> exported weights -> zero-shot classification (or segmentation Dice) on held-out images.
 source "$(dirname "$0")/setup.sh"
 DATA=data/demo
 if [ ! -f "$DATA/train/shapes-000011.tar" ]; then
@@ -10,7 +10,7 @@ fi
 if [ ! -f "$DATA/val/shapes-000000.tar" ]; then
   mm-shards synthetic --out "$DATA/val" --num-samples 240 --image-size 32 --balanced --seed 1 --overwrite
 fi
-for task in clip filip; do
+for task in clip filip topolora_sam; do
   rm -rf "runs/demo-$task"  # the demo always trains from scratch; real runs resume from their out_dir
   deepspeed --num_gpus 2 "train/$task.py" --config "configs/$task/tiny.yaml" --deepspeed_config configs/ds/zero2.json \
     > "runs/demo-$task.log" 2>&1 || { tail -20 "runs/demo-$task.log"; exit 1; }

@@ -64,12 +64,18 @@ def resume(engine: Any, out_dir: str | Path, task: str, world_size: int) -> dict
     return client_state
 
 
-def export_safetensors(out_dir: str | Path, tag: str, path: str | Path, metadata: dict[str, str]) -> None:
+def export_safetensors(out_dir: str | Path, tag: str, path: str | Path, metadata: dict[str, str],
+                       frozen: dict[str, torch.Tensor] | None = None) -> None:
     """Consolidate the (possibly ZeRO-partitioned) fp32 master weights of checkpoint `tag` into one
-    safetensors file that eval/ loads without DeepSpeed. Call on one rank."""
+    safetensors file that eval/ loads without DeepSpeed. Call on one rank.
+
+    ZeRO-1 checkpoints hold no frozen parameters (their fp32 copies live only with the optimizer, which
+    never sees frozen ones); `frozen` supplies those from the module's own state dict."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(out_dir)), tag=tag)
+    for key, value in (frozen or {}).items():
+        state.setdefault(key, value)
     # Tied weights come back as shared storage, which safetensors refuses; exports are small enough to copy.
     state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
     path = Path(path)

@@ -46,7 +46,8 @@ def train_main(task_name: str, argv: list[str] | None = None) -> int:
         parts = [f"{task_name}: step {result['step']}"]
         if "loss" in last:
             parts.append(f"loss {last['loss']:.4f}")
-        parts += [f"{k} {v:.4f}" for k, v in result["eval"].items() if "acc" in k]
+        parts += [f"{k} {v:.4f}" for k, v in result["eval"].items()
+                  if k.endswith(("acc1", "acc5", "/dice", "/cldice", "/iou"))]
         parts.append(f"export {result['export']}")
         print(" | ".join(parts))
         print(json.dumps({"task": task_name, **{k: v for k, v in result.items() if k != "engine"}}, default=str))

@@ -198,9 +198,15 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
         progress.close()
 
     export_path = out_dir / "export" / "model.safetensors"
+    # Under ZeRO 1/2 every rank holds whole parameters: the frozen ones the checkpoint may lack come from here.
+    frozen = None
+    if engine.zero_optimization_stage() < 3:
+        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        frozen = {k: v.detach().cpu() for k, v in engine.module.state_dict().items() if k not in trainable}
     if rank == 0:
         checkpoint.export_safetensors(out_dir, last_tag, export_path,
-                                      {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step)})
+                                      {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step)},
+                                      frozen)
     dist.barrier()
     evaluation = task.evaluate(engine.module, cfg)
     if evaluation:
