@@ -20,3 +20,18 @@ def shapes(tmp_path_factory) -> dict:
     val = write_shapes_world(root / "val", 2 * len(CLASSNAMES), image_size=32, seed=1, balanced=True)
     return {"train": f"{root}/train/shapes-{{000000..{len(train) - 1:06d}}}.tar", "train_shards": train,
             "val": val[0], "root": root}
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """Run a script with `torchrun --standalone` and N real ranks (gloo on the CPU)."""
+    import subprocess
+    import sys
+
+    def run(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+               str(script), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -1,9 +1,6 @@
 """The engine with 2 real ranks (gloo on the CPU) under ZeRO 1, 2 and 3, in one launch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,15 +8,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def results(shapes, tmp_path_factory):
+def results(torchrun, shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine")
     proc = torchrun(ROOT / "tests/dist/engine_check.py", shapes["train"], str(out), "1,2,3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -1,9 +1,6 @@
 """The FILIP trainer: model, task, token-wise zero-shot, and 2-rank training under ZeRO-2/3."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +19,6 @@ TINY = [
     "model.arch.vision_cfg.layers=1", "model.arch.text_cfg.width=32", "model.arch.text_cfg.layers=1",
     "model.embed_dim=24",
 ]
-
-
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +185,7 @@ def test_tokenwise_zeroshot_equals_a_plain_reference(model, shapes):
 
 
 @pytest.fixture(scope="module")
-def dist_results(shapes, tmp_path_factory):
+def dist_results(torchrun, shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("filip")
     proc = torchrun(ROOT / "tests/dist/filip_check.py", shapes["train"], str(shapes["val"]), str(out), "2,3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -1,10 +1,7 @@
 """The TopoLoRA-SAM trainer task: sample map, augmentation, batches, losses, and 2-rank training."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,15 +105,8 @@ def test_configs_load(shapes):
     assert tiny.model.variant == "custom"
 
 
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def dist_results(shapes, tmp_path_factory):
+def dist_results(torchrun, shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("topolora")
     proc = torchrun(ROOT / "tests/dist/topolora_check.py", shapes["train"], shapes["val"], str(out), "1,2,3", "30")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
