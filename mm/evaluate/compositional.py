@@ -1,0 +1,347 @@
+"""mm-compositional: compositional image-text evaluation (SugarCrepe, ARO VG-Relation / VG-Attribution,
+and relation / attribute swaps on the synthetic shapes world) of an exported model.
+
+Each item is an image, its true caption and a false (perturbed) caption. The model scores both with
+the cosine of encode_image and encode_text; an item is correct when the true caption scores strictly
+higher (a tie is wrong). Any model with encode_image / encode_text works (CLIP, FILIP pooled,
+Structure-CLIP, whose encode_text is the plain text tower).
+
+* SugarCrepe: json {id: {"filename", "caption", "negative_caption"}}, one file per perturbation type
+  (the file stem, e.g. swap_att.json -> swap_att); accuracy per type.
+* ARO VG-Relation: json list of {"image_path", "true_caption", "false_caption", "relation"} (also
+  "relation_name"); accuracy per relation, macro-averaged over relations.
+* ARO VG-Attribution: same with "attributes" (the attribute pair); accuracy per pair, averaged over
+  pairs with at least --min-pair-items (25) items.
+  ARO items with bbox_x/bbox_y/bbox_w/bbox_h are cropped to that box, as ARO does.
+* Synthetic shapes: for each shard sample's scene graph (json `scene_graph`, else parse_simple of the
+  caption), the true caption is the graph rendered, the false ones its relation swaps (shapes_relation)
+  and attribute swaps (shapes_attribute) from mm.scenegraph; accuracy overall and per predicate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mm.errors import DataError, UserError, cli_main
+
+
+@dataclass
+class Item:
+    image: Any  # a path (str) or an already preprocessed image tensor
+    true_caption: str
+    false_caption: str
+    group: str = ""  # perturbation type, relation, attribute pair or predicate
+    box: tuple[float, float, float, float] | None = None  # x, y, w, h crop (ARO)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------
+
+def _load_image(item: Item, preprocess: Callable) -> torch.Tensor:
+    if isinstance(item.image, torch.Tensor):
+        return item.image
+    from PIL import Image
+
+    try:
+        with Image.open(item.image) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{item.image}: no such image (set --images to the folder the file names are in)") \
+            from None
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"{item.image}: unreadable image ({type(e).__name__}: {e})") from None
+    if item.box is not None:
+        x, y, w, h = item.box
+        rgb = rgb.crop((int(x), int(y), int(x + w), int(y + h)))
+    return preprocess(rgb)
+
+
+@torch.no_grad()
+def score_items(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, items: Sequence[Item],
+                batch_size: int = 64, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, 2) cosine similarities: column 0 the true caption's, column 1 the false caption's."""
+    was_training = model.training
+    model.eval()
+    try:
+        dtype = next(model.parameters(), torch.empty(0)).dtype
+        scores = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            image = torch.stack([_load_image(it, preprocess) for it in chunk]).to(device)
+            if image.is_floating_point():
+                image = image.to(dtype)
+            v = F.normalize(model.encode_image(image).float(), dim=-1)
+            t = F.normalize(model.encode_text(tokenizer([it.true_caption for it in chunk]).to(device)).float(), dim=-1)
+            f = F.normalize(model.encode_text(tokenizer([it.false_caption for it in chunk]).to(device)).float(), dim=-1)
+            scores.append(torch.stack([(v * t).sum(-1), (v * f).sum(-1)], 1).cpu())
+        return torch.cat(scores) if scores else torch.zeros(0, 2)
+    finally:
+        model.train(was_training)
+
+
+def correct(scores: torch.Tensor) -> torch.Tensor:
+    """True where the true caption scores strictly higher than the false one."""
+    return scores[:, 0] > scores[:, 1]
+
+
+def group_accuracy(items: Sequence[Item], hits: torch.Tensor) -> dict[str, dict[str, float]]:
+    """{group: {"acc", "n"}} in sorted group order."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for item, hit in zip(items, hits.tolist()):
+        counts[item.group][0] += int(hit)
+        counts[item.group][1] += 1
+    return {g: {"acc": c / n, "n": n} for g, (c, n) in sorted(counts.items())}
+
+
+def _summary(items: Sequence[Item], hits: torch.Tensor) -> dict[str, Any]:
+    return {"acc": float(hits.float().mean()) if len(hits) else float("nan"), "n": len(items)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------------------------------
+
+def _read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _image_path(name: str, images: str | Path | None) -> str:
+    return name if images is None or os.path.isabs(name) else str(Path(images) / name)
+
+
+def sugarcrepe_items(path: str | Path, images: str | Path | None) -> list[Item]:
+    """Items of one SugarCrepe file; the group is the perturbation type (the file stem)."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: SugarCrepe files map ids to {{filename, caption, negative_caption}}")
+    kind = Path(path).stem
+    items = []
+    for key, rec in data.items():
+        if not isinstance(rec, dict) or not all(k in rec for k in ("filename", "caption", "negative_caption")):
+            raise DataError(f"{path}: item {key!r} lacks filename / caption / negative_caption")
+        items.append(Item(_image_path(str(rec["filename"]), images), str(rec["caption"]),
+                          str(rec["negative_caption"]), kind))
+    return items
+
+
+def aro_items(path: str | Path, images: str | Path | None, kind: str) -> list[Item]:
+    """Items of an ARO-style list; kind "relation" (group = relation) or "attribute" (group = the
+    attribute pair joined with '|')."""
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise UserError(f"{path}: an ARO file is a JSON list of items")
+    items = []
+    for k, rec in enumerate(data):
+        where = f"{path}: item {k}"
+        if not isinstance(rec, dict) or not all(f in rec for f in ("image_path", "true_caption", "false_caption")):
+            raise DataError(f"{where} lacks image_path / true_caption / false_caption")
+        if kind == "relation":
+            group = rec.get("relation", rec.get("relation_name"))
+            if group is None:
+                raise DataError(f"{where} has no 'relation'")
+            group = str(group)
+        else:
+            attributes = rec.get("attributes")
+            if attributes is None:
+                raise DataError(f"{where} has no 'attributes'")
+            group = "|".join(map(str, attributes)) if isinstance(attributes, list) else str(attributes)
+        box = None
+        if all(f"bbox_{c}" in rec for c in "xywh"):
+            box = tuple(float(rec[f"bbox_{c}"]) for c in "xywh")
+        items.append(Item(_image_path(str(rec["image_path"]), images), str(rec["true_caption"]),
+                          str(rec["false_caption"]), group, box))
+    return items
+
+
+def macro_average(per_group: dict[str, dict[str, float]], min_items: int = 0) -> tuple[float, int]:
+    """Mean of the per-group accuracies over groups with at least min_items items, and their number."""
+    accs = [g["acc"] for g in per_group.values() if g["n"] >= min_items]
+    return (sum(accs) / len(accs) if accs else float("nan")), len(accs)
+
+
+def shapes_items(urls: str, preprocess: Callable, tokenizer: Callable) -> tuple[list[Item], list[Item], int]:
+    """Relation-swap and attribute-swap items from shapes-world shards (one item per distinct swap) and
+    the number of images read. Groups: the swapped predicate / "attribute"."""
+    from mm.data.image_text import image_text_map
+    from mm.data.loader import Loader, StreamSpec, default_collate
+    from mm.scenegraph.negatives import attribute_swap, relation_swap
+    from mm.tasks.structure_clip import sample_graph
+
+    spec = StreamSpec(urls=urls, sample_map=image_text_map(preprocess, tokenizer), collate=default_collate,
+                      batch_size=64, num_workers=0, shuffle_buffer=0, repeat=False, drop_last=False)
+    relation, attribute, n_images = [], [], 0
+    for batch in Loader(spec):
+        for image, caption, meta in zip(batch["image"], batch["caption"], batch["meta"]):
+            n_images += 1
+            graph = sample_graph(meta, caption)
+            if not graph:
+                continue
+            positive = graph.render()
+            seen = {positive.lower()}
+            for swapped, original in zip(relation_swap(graph), _swappable_relations(graph)):
+                text = swapped.render()
+                if text.lower() not in seen:
+                    seen.add(text.lower())
+                    relation.append(Item(image, positive, text, original.predicate))
+            for swapped in attribute_swap(graph):
+                text = swapped.render()
+                if text.lower() not in seen:
+                    seen.add(text.lower())
+                    attribute.append(Item(image, positive, text, "attribute"))
+    return relation, attribute, n_images
+
+
+def _swappable_relations(graph) -> list:
+    from mm.scenegraph.negatives import SYMMETRIC_PREDICATES
+
+    return [r for r in graph.relations if r.subject != r.object and r.predicate not in SYMMETRIC_PREDICATES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation of every requested benchmark
+# ---------------------------------------------------------------------------------------------------
+
+def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, *,
+             sugarcrepe: Iterable[str] = (), aro_relation: str | None = None, aro_attribute: str | None = None,
+             images: str | None = None, synthetic_shapes: str | None = None, min_pair_items: int = 25,
+             batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Metrics per benchmark: sugarcrepe {type: {acc, n}}; vg_relation {acc (macro over relations),
+    micro_acc, n, n_groups, per_relation}; vg_attribution {acc (mean over pairs with >= min_pair_items),
+    micro_acc, n, n_groups, per_pair}; shapes_relation / shapes_attribute {acc, n, per_predicate}."""
+    def run(items: list[Item]) -> torch.Tensor:
+        return correct(score_items(model, tokenizer, preprocess, items, batch_size, device))
+
+    results: dict[str, Any] = {}
+    for path in sugarcrepe:
+        items = sugarcrepe_items(path, images)
+        hits = run(items)
+        results.setdefault("sugarcrepe", {})[Path(path).stem] = _summary(items, hits)
+    for name, path, kind, min_items in (("vg_relation", aro_relation, "relation", 0),
+                                        ("vg_attribution", aro_attribute, "attribute", min_pair_items)):
+        if not path:
+            continue
+        items = aro_items(path, images, kind)
+        hits = run(items)
+        per_group = group_accuracy(items, hits)
+        acc, n_groups = macro_average(per_group, min_items)
+        results[name] = {"acc": acc, "micro_acc": _summary(items, hits)["acc"], "n": len(items),
+                         "n_groups": n_groups, "min_group_items": min_items,
+                         ("per_relation" if kind == "relation" else "per_pair"): per_group}
+    if synthetic_shapes:
+        relation, attribute, n_images = shapes_items(synthetic_shapes, preprocess, tokenizer)
+        if not n_images:
+            raise DataError(f"{synthetic_shapes}: no readable samples")
+        for name, items in (("shapes_relation", relation), ("shapes_attribute", attribute)):
+            hits = run(items) if items else torch.zeros(0, dtype=torch.bool)
+            results[name] = {**_summary(items, hits), "n_images": n_images,
+                             "per_predicate": group_accuracy(items, hits) if name == "shapes_relation" else {}}
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("benchmark", "subset", "n", "accuracy")]
+
+    def fmt(acc: float) -> str:
+        return "n/a" if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f"{acc:.3f}"
+
+    for kind, res in results.get("sugarcrepe", {}).items():
+        rows.append(("sugarcrepe", kind, str(res["n"]), fmt(res["acc"])))
+    if "vg_relation" in results:
+        r = results["vg_relation"]
+        rows.append(("vg_relation", f"macro over {r['n_groups']} relations", str(r["n"]), fmt(r["acc"])))
+    if "vg_attribution" in results:
+        r = results["vg_attribution"]
+        rows.append(("vg_attribution", f"mean over {r['n_groups']} pairs >= {r['min_group_items']}",
+                     str(r["n"]), fmt(r["acc"])))
+    for name in ("shapes_relation", "shapes_attribute"):
+        if name in results:
+            r = results[name]
+            rows.append((name, "all", str(r["n"]), fmt(r["acc"])))
+            for group, g in r.get("per_predicate", {}).items():
+                rows.append((name, group, str(g["n"]), fmt(g["acc"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mm-compositional",
+        description="Compositional evaluation of an exported model: an item is correct when its true caption "
+                    "scores strictly higher (cosine of encode_image and encode_text) than its false caption.")
+    p.add_argument("--checkpoint", required=True, help="exported safetensors file written by a train/ run")
+    p.add_argument("--sugarcrepe", action="append", default=[], metavar="FILE.json",
+                   help="a SugarCrepe file {id: {filename, caption, negative_caption}}; the perturbation type "
+                        "is the file stem (repeatable)")
+    p.add_argument("--aro-relation", metavar="FILE.json",
+                   help="ARO VG-Relation list of {image_path, true_caption, false_caption, relation}; "
+                        "macro-averaged over relations")
+    p.add_argument("--aro-attribute", metavar="FILE.json",
+                   help="ARO VG-Attribution list of {image_path, true_caption, false_caption, attributes}; "
+                        "averaged over attribute pairs with at least --min-pair-items items")
+    p.add_argument("--min-pair-items", type=int, default=25,
+                   help="VG-Attribution: attribute pairs with fewer items are left out of the average (25)")
+    p.add_argument("--images", help="folder that relative image paths / file names are taken from")
+    p.add_argument("--synthetic-shapes", metavar="SHARDS",
+                   help="shapes-world shards: relation-swap and attribute-swap items from their scene graphs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not (args.sugarcrepe or args.aro_relation or args.aro_attribute or args.synthetic_shapes):
+        raise UserError("nothing to evaluate: give --sugarcrepe, --aro-relation, --aro-attribute and/or "
+                        "--synthetic-shapes")
+    if args.min_pair_items < 1 or args.batch_size < 1:
+        raise UserError("--min-pair-items and --batch-size must be >= 1")
+    from mm.engine.checkpoint import load_exported
+    from mm.models.clip import clip_preprocess, clip_tokenizer
+
+    task, cfg, model = load_exported(args.checkpoint)
+    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+        raise UserError(f"{args.checkpoint}: a {task.name} model has no encode_image/encode_text")
+    results = evaluate(model, clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False),
+                       sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
+                       aro_attribute=args.aro_attribute, images=args.images,
+                       synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
+                       batch_size=args.batch_size)
+    record = {"checkpoint": str(args.checkpoint), "model_task": task.name,
+              "model": cfg.model.name or "inline architecture", "task": "compositional",
+              "scoring": "cosine(encode_image, encode_text); correct = true caption strictly higher",
+              "results": results}
+    text = json.dumps(record)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(f"compositional {task.name} ({args.checkpoint})")
+    print(table(results))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Structure-CLIP (METHODS.md §2) on the shared engine: scene graphs, hard negatives, KEE, hinge loss.
+
+Each sample's scene graph is its json `scene_graph` when present (the shapes world writes one), else
+`parse_simple(caption)`. The sample map draws one semantic hard negative (relation swap or attribute
+swap, `loss.negatives`) with the sample's own seeded rng, so a resumed run sees the same negatives;
+samples without a usable negative (one object, identical attributes, a symmetric relation, or a
+negative equal to the caption) carry zeros and `has_neg` False, and the logged `neg_share` says how
+many had one. Triples of the positive graph and of the negative's own swapped graph are tokenised
+here (see mm/models/structure_clip.py for why the negative gets its own).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from mm.config import RunConfig
+from mm.data.image_text import image_text_map
+from mm.data.loader import Loader, StreamSpec, default_collate
+from mm.errors import UserError
+from mm.losses.structure_clip import BASES, structure_clip_loss
+from mm.models.clip import clip_preprocess, clip_tokenizer
+from mm.models.kee import encode_triples
+from mm.models.structure_clip import StructureClipModel, StructureClipModelConfig
+from mm.scenegraph import SceneGraph, attribute_swap, hard_negative, parse_simple, relation_swap
+from mm.scenegraph.negatives import KINDS
+from mm.tasks.base import Task
+from mm.tasks.clip import zeroshot_metrics
+
+
+@dataclass
+class StructureClipLossConfig:
+    base: str = "infonce"  # infonce | hinge (the released code's in-batch hardest-negative hinge)
+    margin: float = 0.2  # margin of the hinge base
+    neg_weight: float = 5.0  # weight of the hard-negative hinge
+    neg_margin: float = 0.1  # margin of the hard-negative hinge
+    negatives: list[str] = field(default_factory=lambda: ["relation", "attribute"])  # swap kinds drawn
+
+
+@dataclass
+class StructureClipRunConfig(RunConfig):
+    model: StructureClipModelConfig = field(default_factory=StructureClipModelConfig)
+    loss: StructureClipLossConfig = field(default_factory=StructureClipLossConfig)
+
+
+def check_loss_config(loss: StructureClipLossConfig) -> None:
+    if loss.base not in BASES:
+        raise UserError(f"loss.base must be one of {', '.join(BASES)}; got {loss.base!r}")
+    unknown = [k for k in loss.negatives if k not in KINDS]
+    if unknown:
+        raise UserError(f"loss.negatives: unknown kind(s) {unknown}; choose from {list(KINDS)}")
+    if loss.neg_weight < 0 or loss.margin < 0 or loss.neg_margin < 0:
+        raise UserError("loss.margin, loss.neg_margin and loss.neg_weight must be >= 0")
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def sample_graph(meta: dict, caption: str) -> SceneGraph:
+    """The json `scene_graph` if present and valid, else the caption parsed by parse_simple."""
+    data = meta.get("scene_graph")
+    if isinstance(data, dict):
+        try:
+            graph = SceneGraph.from_dict(data)
+            if graph:
+                return graph
+        except (KeyError, TypeError, ValueError):
+            pass
+    return parse_simple(caption)
+
+
+def negative_with_graph(graph: SceneGraph, caption: str, rng: random.Random,
+                        kinds: list[str]) -> tuple[str | None, SceneGraph | None]:
+    """One hard negative caption (hard_negative) and the swapped graph it renders, or (None, None).
+
+    A negative equal to the sample's own caption (case/space-insensitive) is dropped too: the graph's
+    rendering can differ from the caption's wording."""
+    negative = hard_negative(graph, rng, kinds) if graph else None
+    if negative is None or _norm(negative) == _norm(caption):
+        return None, None
+    swaps = (relation_swap(graph) if "relation" in kinds else []) + \
+        (attribute_swap(graph) if "attribute" in kinds else [])
+    neg_graph = next((g for g in swaps if g.render() == negative), None)
+    return negative, neg_graph if neg_graph is not None else parse_simple(negative)
+
+
+def structure_clip_map(preprocess: Callable, tokenizer: Callable, kinds: list[str], max_triples: int = 6,
+                       triple_tokens: int = 8) -> Callable[[dict, random.Random], dict[str, Any]]:
+    """Image-text sample + neg_text, has_neg, neg_caption, triples, triple_mask, neg_triples,
+    neg_triple_mask (fixed shapes: the default collate stacks them)."""
+    base = image_text_map(preprocess, tokenizer)
+
+    def sample_map(raw: dict, rng: random.Random) -> dict[str, Any]:
+        sample = base(raw, rng)
+        graph = sample_graph(sample["meta"], sample["caption"])
+        negative, neg_graph = negative_with_graph(graph, sample["caption"], rng, kinds)
+        triples, triple_mask = encode_triples(graph.triples(max_triples), tokenizer, max_triples, triple_tokens)
+        if negative is None:
+            neg_text = torch.zeros_like(sample["text"])
+            neg_triples, neg_mask = encode_triples([], tokenizer, max_triples, triple_tokens)
+        else:
+            neg_text = tokenizer([negative])[0]
+            neg_triples, neg_mask = encode_triples(neg_graph.triples(max_triples), tokenizer, max_triples,
+                                                   triple_tokens)
+        sample.update(neg_text=neg_text, has_neg=torch.tensor(negative is not None), neg_caption=negative or "",
+                      triples=triples, triple_mask=triple_mask, neg_triples=neg_triples,
+                      neg_triple_mask=neg_mask)
+        return sample
+
+    return sample_map
+
+
+def structure_clip_batches(cfg: StructureClipRunConfig, split: str, rank: int, world_size: int,
+                           state: dict | None) -> Loader:
+    train = split == "train"
+    m = cfg.model
+    spec = StreamSpec(
+        urls=cfg.data.train if train else cfg.data.val,
+        sample_map=structure_clip_map(clip_preprocess(m, is_train=train), clip_tokenizer(m),
+                                      list(cfg.loss.negatives), m.max_triples, m.triple_tokens),
+        collate=default_collate, batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
+        world_size=world_size, num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer if train else 0, repeat=train,
+        resampled=cfg.data.resampled and train, weights=cfg.data.train_weights if train else [],
+    )
+    return Loader(spec, state=state, max_bad_fraction=cfg.data.max_bad_fraction)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+class StructureClipTask(Task):
+    name = "structure_clip"
+    config_class = StructureClipRunConfig
+
+    def build_model(self, cfg: StructureClipRunConfig, load_pretrained: bool = True) -> torch.nn.Module:
+        check_loss_config(cfg.loss)
+        model = StructureClipModel(cfg.model, load_pretrained)
+        # The loss options travel with the model: `losses` sees only the engine.
+        model.loss_options = {"base": cfg.loss.base, "margin": cfg.loss.margin,
+                              "neg_weight": cfg.loss.neg_weight, "neg_margin": cfg.loss.neg_margin}
+        return model
+
+    def batches(self, cfg: StructureClipRunConfig, split: str, rank: int = 0, world_size: int = 1,
+                state: dict | None = None) -> Loader:
+        check_loss_config(cfg.loss)
+        return structure_clip_batches(cfg, split, rank, world_size, state)
+
+    def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        # Through the model's own forward (the engine's), so ZeRO-3 gathers every parameter it uses.
+        out = model(batch["image"], batch["text"], batch["neg_text"], batch["triples"], batch["triple_mask"],
+                    batch["neg_triples"], batch["neg_triple_mask"])
+        options = getattr(_unwrap(model), "loss_options", {})
+        return structure_clip_loss(out["image_features"], out["text_features"], out["neg_text_features"],
+                                   batch["has_neg"], out["logit_scale"], **options)
+
+    def evaluate(self, model: torch.nn.Module, cfg: StructureClipRunConfig) -> dict[str, float]:
+        return zeroshot_metrics(model, cfg)

@@ -1,0 +1,73 @@
+"""mm-compositional: accuracies on hand-made SugarCrepe / ARO files with a stub model of known scores."""
+
+import json
+import math
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mm.evaluate.compositional import evaluate
+
+# caption -> (image id, cosine with that image); every caption belongs to one image.
+SCORES = {"t0": (0, 0.9), "f0": (0, 0.1), "t1": (1, 0.2), "f1": (1, 0.5), "t2": (2, 0.4), "f2": (2, 0.4),
+          "t3": (3, 0.8), "f3": (3, 0.3)}
+VOCAB = {c: i for i, c in enumerate(SCORES)}
+
+
+def tokenizer(texts):
+    return torch.tensor([[VOCAB[t]] for t in texts])
+
+
+def preprocess(image):
+    return torch.tensor([float(image.getpixel((0, 0))[0])])  # the image id is its red value
+
+
+class Stub(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        rows = []
+        for _, (img, s) in SCORES.items():
+            v = torch.zeros(5)
+            v[img], v[4] = s, math.sqrt(1 - s * s)  # unit vector: cos with image img is s
+            rows.append(v)
+        self.text = torch.stack(rows)
+
+    def encode_image(self, image):
+        return nn.functional.one_hot(image[:, 0].long(), 5).float()
+
+    def encode_text(self, tokens):
+        return self.text[tokens[:, 0]]
+
+
+def _images(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / f"{i}.png")
+
+
+def test_sugarcrepe_accuracy_by_hand(tmp_path):
+    _images(tmp_path)
+    data = {str(i): {"filename": f"{i}.png", "caption": f"t{i}", "negative_caption": f"f{i}"} for i in range(4)}
+    (tmp_path / "swap_att.json").write_text(json.dumps(data))
+    res = evaluate(Stub(), tokenizer, preprocess, sugarcrepe=[str(tmp_path / "swap_att.json")],
+                   images=str(tmp_path))
+    # item 0: .9 > .1 right; 1: .2 < .5 wrong; 2: tie -> wrong; 3: .8 > .3 right
+    assert res["sugarcrepe"]["swap_att"] == {"acc": 0.5, "n": 4}
+
+
+def test_aro_relation_macro_average_by_hand(tmp_path):
+    _images(tmp_path)
+    items = [("on", 0), ("on", 1), ("on", 3), ("under", 2), ("under", 3)]
+    data = [{"image_path": f"{i}.png", "true_caption": f"t{i}", "false_caption": f"f{i}", "relation": r}
+            for r, i in items]
+    (tmp_path / "rel.json").write_text(json.dumps(data))
+    (tmp_path / "att.json").write_text(json.dumps(
+        [{**d, "attributes": ["red", "blue"] if d["relation"] == "on" else ["big", "small"]} for d in data]))
+    res = evaluate(Stub(), tokenizer, preprocess, aro_relation=str(tmp_path / "rel.json"),
+                   aro_attribute=str(tmp_path / "att.json"), images=str(tmp_path), min_pair_items=3)
+    # on: 2/3 right, under: 1/2 -> macro 7/12; micro 3/5
+    assert abs(res["vg_relation"]["acc"] - (2 / 3 + 1 / 2) / 2) < 1e-6
+    assert abs(res["vg_relation"]["micro_acc"] - 0.6) < 1e-6
+    # only the red|blue pair has >= 3 items
+    assert res["vg_attribution"]["n_groups"] == 1 and abs(res["vg_attribution"]["acc"] - 2 / 3) < 1e-6
