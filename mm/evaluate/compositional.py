@@ -318,13 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                         "--synthetic-shapes")
     if args.min_pair_items < 1 or args.batch_size < 1:
         raise UserError("--min-pair-items and --batch-size must be >= 1")
-    from mm.engine.checkpoint import load_exported
-    from mm.models.clip import clip_preprocess, clip_tokenizer
+    from mm.evaluate.models import load_embedding_model
 
-    task, cfg, model = load_exported(args.checkpoint)
-    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        raise UserError(f"{args.checkpoint}: a {task.name} model has no encode_image/encode_text")
-    results = evaluate(model, clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False),
+    task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
+    results = evaluate(model, tokenizer, preprocess,
                        sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
                        aro_attribute=args.aro_attribute, images=args.images,
                        synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,

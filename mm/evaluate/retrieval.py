@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tqdm import tqdm
 
-    from mm.engine.checkpoint import load_exported
+    from mm.evaluate.models import load_embedding_model
     from mm.metrics.retrieval import retrieval_recall
-    from mm.models.clip import clip_preprocess, clip_tokenizer
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -108,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--ks: {args.ks!r} is not a comma-separated list of integers") from None
     if not ks or min(ks) < 1:
         raise UserError(f"--ks: {args.ks!r}: every k must be >= 1")
-    task, cfg, model = load_exported(args.checkpoint)
-    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        raise UserError(f"{args.checkpoint}: a {task.name} model has no encode_image/encode_text")
-    tokenizer, preprocess = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+    task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
     loader = retrieval_batches(preprocess, args.data, args.batch_size, args.workers)
     batches = tqdm(loader, desc="retrieval", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty(),
                    leave=False)

@@ -109,15 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
-    from mm.engine.checkpoint import load_exported
     from mm.evaluate.datasets import SkipUnreadable, build_dataset, dataset_kind, image_label_loader
+    from mm.evaluate.models import load_embedding_model
     from mm.metrics.zeroshot import (
         classification_metrics,
         confusion_matrix,
         labelled_shard_batches,
         zeroshot_predictions,
     )
-    from mm.models.clip import clip_preprocess, clip_tokenizer
 
     kind = dataset_kind(args.data)
     if args.classnames is None and kind != "folder":
@@ -126,12 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.templates is None:
         args.templates = args.classnames if args.classnames in BUILTIN_TEMPLATES else "shapes"
     templates = load_templates(args.templates)
-    task, cfg, model = load_exported(args.checkpoint)
-    if not hasattr(model, "encode_image"):
-        raise UserError(f"{args.checkpoint}: a {task.name} model has no encode_image/encode_text")
+    task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
     if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
         raise UserError(f"{args.checkpoint}: token-wise scoring needs a FILIP model, this is {task.name!r}")
-    tokenizer, preprocess = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
 
     label_mapping, ignored = "shard_json_label", []
     if kind == "shards":
