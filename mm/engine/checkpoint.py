@@ -65,19 +65,31 @@ def resume(engine: Any, out_dir: str | Path, task: str, world_size: int) -> dict
 
 
 def export_safetensors(out_dir: str | Path, tag: str, path: str | Path, metadata: dict[str, str],
-                       frozen: dict[str, torch.Tensor] | None = None) -> None:
+                       frozen: dict[str, torch.Tensor] | None = None, keys: set[str] | None = None) -> None:
     """Consolidate the (possibly ZeRO-partitioned) fp32 master weights of checkpoint `tag` into one
     safetensors file that eval/ loads without DeepSpeed. Call on one rank.
 
     ZeRO-1 checkpoints hold no frozen parameters (their fp32 copies live only with the optimizer, which
-    never sees frozen ones); `frozen` supplies those from the module's own state dict."""
+    never sees frozen ones); `frozen` supplies those from the module's own state dict. `keys` keeps only
+    those entries (a trainable-only export, metadata mm_export = 'trainable')."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(out_dir)), tag=tag)
     for key, value in (frozen or {}).items():
         state.setdefault(key, value)
+    if keys is not None:
+        missing = sorted(keys - set(state))
+        if missing:
+            raise RuntimeError(f"checkpoint {tag} lacks {len(missing)} exported weights, e.g. {missing[0]}")
+        state = {k: state[k] for k in sorted(keys)}
+    save_export(state, path, metadata)
+
+
+def save_export(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write an export atomically: floating tensors as fp32, integer buffers as they are."""
     # Tied weights come back as shared storage, which safetensors refuses; exports are small enough to copy.
-    state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
+             for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -99,8 +111,13 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_exported(path: str | Path, expect_task: str | None = None) -> tuple[Any, Any, torch.nn.Module]:
-    """(task, config, model) from an exported safetensors file, on the CPU, in eval mode."""
+def load_exported(path: str | Path, expect_task: str | None = None, base_checkpoint: str | None = None
+                  ) -> tuple[Any, Any, torch.nn.Module]:
+    """(task, config, model) from an exported safetensors file, on the CPU, in eval mode.
+
+    A trainable-only export (metadata mm_export = 'trainable', e.g. TopoLoRA-SAM's LoRA, adapter and
+    decoder) is completed by its task from the base checkpoint it records; `base_checkpoint` overrides
+    that path. Its weights must then cover every key the task exports."""
     from safetensors.torch import load_file
 
     from mm.config import _build
@@ -111,9 +128,15 @@ def load_exported(path: str | Path, expect_task: str | None = None) -> tuple[Any
         raise UserError(f"{path}: a {meta['mm_task']!r} checkpoint, expected {expect_task!r}")
     task = get_task(meta["mm_task"])
     cfg = _build(task.config_class, json.loads(meta["mm_config"]), "", str(path))
-    model = task.build_model(cfg, load_pretrained=False)
+    if meta.get("mm_export", "full") == "trainable":
+        model = task.build_export_base(cfg, meta, str(path), base_checkpoint)
+        required = task.export_keys(model, cfg) or set(model.state_dict())
+    else:
+        model = task.build_model(cfg, load_pretrained=False)
+        required = set(model.state_dict())
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in required]
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit the {meta['mm_task']} model "
                         f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")

@@ -203,10 +203,13 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     if engine.zero_optimization_stage() < 3:
         trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
         frozen = {k: v.detach().cpu() for k, v in engine.module.state_dict().items() if k not in trainable}
+    keys = task.export_keys(engine.module, cfg)  # None: every weight; else a trainable-only export
     if rank == 0:
-        checkpoint.export_safetensors(out_dir, last_tag, export_path,
-                                      {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step)},
-                                      frozen)
+        meta = {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step),
+                "mm_export": "full" if keys is None else "trainable"}
+        if keys is not None:
+            meta.update(task.export_metadata(cfg))
+        checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, keys)
     dist.barrier()
     evaluation = task.evaluate(engine.module, cfg)
     if evaluation:

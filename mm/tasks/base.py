@@ -35,3 +35,18 @@ class Task:
 
     def evaluate(self, model: torch.nn.Module, cfg: Any) -> dict[str, float]:
         return {}
+
+    # A task whose model is mostly frozen pretrained weights may export only what trains; loading then
+    # rebuilds the rest from the base checkpoint (mm.engine.checkpoint.load_exported).
+    def export_keys(self, model: torch.nn.Module, cfg: Any) -> set[str] | None:
+        """State-dict keys the exported file holds; None = every weight (a full export)."""
+        return None
+
+    def export_metadata(self, cfg: Any) -> dict[str, str]:
+        """Extra metadata of a trainable-only export (what identifies its base weights)."""
+        return {}
+
+    def build_export_base(self, cfg: Any, meta: dict[str, str], path: str,
+                          base_checkpoint: str | None = None) -> torch.nn.Module:
+        """The model with its base weights loaded, for a trainable-only export to complete."""
+        raise NotImplementedError(f"{self.name} has no trainable-only exports")
