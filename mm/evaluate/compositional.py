@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.errors import DataError, UserError, cli_main
+from mm.evaluate.models import add_model_arguments
 
 
 @dataclass
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mm-compositional",
         description="Compositional evaluation of an exported model: an item is correct when its true caption "
                     "scores strictly higher (cosine of encode_image and encode_text) than its false caption.")
-    p.add_argument("--checkpoint", required=True, help="exported safetensors file written by a train/ run")
+    add_model_arguments(p)
     p.add_argument("--sugarcrepe", action="append", default=[], metavar="FILE.json",
                    help="a SugarCrepe file {id: {filename, caption, negative_caption}}; the perturbation type "
                         "is the file stem (repeatable)")
@@ -318,23 +319,23 @@ def main(argv: list[str] | None = None) -> int:
                         "--synthetic-shapes")
     if args.min_pair_items < 1 or args.batch_size < 1:
         raise UserError("--min-pair-items and --batch-size must be >= 1")
-    from mm.evaluate.models import load_embedding_model
+    from mm.evaluate.models import load_eval_model
 
-    task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
-    results = evaluate(model, tokenizer, preprocess,
+    loaded = load_eval_model(args)
+    results = evaluate(loaded.model, loaded.tokenizer, loaded.preprocess,
                        sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
                        aro_attribute=args.aro_attribute, images=args.images,
                        synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
                        batch_size=args.batch_size)
-    record = {"checkpoint": str(args.checkpoint), "model_task": task.name,
-              "model": cfg.model.name or "inline architecture", "task": "compositional",
+    record = {"checkpoint": loaded.source, "model_task": loaded.task,
+              "model": loaded.name, "task": "compositional",
               "scoring": "cosine(encode_image, encode_text); correct = true caption strictly higher",
               "results": results}
     text = json.dumps(record)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
-    print(f"compositional {task.name} ({args.checkpoint})")
+    print(f"compositional {loaded.task} ({loaded.source})")
     print(table(results))
     print(text)
     return 0

@@ -1,8 +1,12 @@
-"""Loading an exported model for the evaluation command lines."""
+"""Loading the model an evaluation command line scores: an mm export or an open_clip checkpoint."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,3 +24,71 @@ def load_embedding_model(path: str) -> tuple[Any, Any, torch.nn.Module, Callable
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise UserError(f"{path}: a {task.name} model has no encode_image/encode_text")
     return task, cfg, model, clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+
+
+@dataclass
+class EvalModel:
+    """What an evaluation command needs of a model, wherever it came from."""
+
+    task: str  # the mm task that trained it, or "open_clip" for a plain open_clip checkpoint
+    name: str  # architecture, for the report
+    source: str  # the file the weights came from
+    model: torch.nn.Module
+    tokenizer: Callable
+    preprocess: Callable
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (--checkpoint, or --model with --pretrained)")
+    g.add_argument("--checkpoint", help="exported safetensors file written by a train/ run")
+    g.add_argument("--model", help="an open_clip architecture name (e.g. ViT-B-32) or an open_clip "
+                                   "model-config JSON file; needs --pretrained")
+    g.add_argument("--pretrained", help="local open_clip checkpoint file for --model (never downloaded)")
+
+
+def load_eval_model(args: argparse.Namespace) -> EvalModel:
+    """The model named by add_model_arguments' options."""
+    if bool(args.checkpoint) == bool(args.model):
+        raise UserError("give either --checkpoint (an mm export) or --model with --pretrained (open_clip)")
+    if args.checkpoint:
+        task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
+        return EvalModel(task.name, cfg.model.name or "inline architecture", str(args.checkpoint), model,
+                         tokenizer, preprocess)
+    if not args.pretrained:
+        raise UserError(f"--model {args.model}: give its weights with --pretrained FILE")
+    model, tokenizer, preprocess = load_open_clip(args.model, args.pretrained)
+    return EvalModel("open_clip", Path(args.model).stem if args.model.endswith(".json") else args.model,
+                     str(args.pretrained), model, tokenizer, preprocess)
+
+
+def load_open_clip(arch: str, pretrained: str) -> tuple[torch.nn.Module, Callable, Callable]:
+    """(model, tokenizer, eval preprocess) of an open_clip architecture with weights from a local file.
+
+    `arch` is a name open_clip knows or a model-config JSON in open_clip's format (registered under its
+    file stem, as open_clip's own add_model_config does)."""
+    import open_clip
+
+    if not Path(pretrained).is_file():
+        # open_clip would take an unknown string for a pretrained tag and try the hub.
+        raise UserError(f"--pretrained {pretrained}: no such file (weights are only read from local files)")
+    if arch.endswith(".json"):
+        if not Path(arch).is_file():
+            raise UserError(f"--model {arch}: no such model-config file")
+        try:
+            json.loads(Path(arch).read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"--model {arch}: not a JSON model config ({e})") from None
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
+    if arch not in open_clip.list_models():
+        raise UserError(f"--model {arch}: not an open_clip architecture (see open_clip.list_models())")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+    except RuntimeError as e:  # load_state_dict's size/key mismatch report
+        first = str(e).strip().splitlines()
+        raise UserError(f"--pretrained {pretrained}: weights do not fit {arch} "
+                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    except Exception as e:  # unpickling errors of a file that is not a checkpoint
+        raise UserError(f"--pretrained {pretrained}: not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return model.eval(), open_clip.get_tokenizer(arch), preprocess

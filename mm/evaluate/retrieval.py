@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.errors import UserError, cli_main
+from mm.evaluate.models import add_model_arguments
 
 
 def captions_map(preprocess: Callable) -> Callable[[dict, random.Random], dict[str, Any]]:
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mm-retrieval",
         description="Image->text and text->image recall@k (CLIP_benchmark protocol: each image once in the "
                     "gallery, all its captions correct) of an exported model on image-text shards.")
-    p.add_argument("--checkpoint", required=True, help="exported safetensors file written by a train/ run")
+    add_model_arguments(p)
     p.add_argument("--data", required=True,
                    help="WebDataset shards; captions from json 'captions' (mm-shards coco) or else the txt")
     p.add_argument("--ks", default="1,5,10", help="comma-separated k values (default 1,5,10)")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tqdm import tqdm
 
-    from mm.evaluate.models import load_embedding_model
+    from mm.evaluate.models import load_eval_model
     from mm.metrics.retrieval import retrieval_recall
 
     try:
@@ -107,15 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--ks: {args.ks!r} is not a comma-separated list of integers") from None
     if not ks or min(ks) < 1:
         raise UserError(f"--ks: {args.ks!r}: every k must be >= 1")
-    task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
+    loaded = load_eval_model(args)
+    model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
     loader = retrieval_batches(preprocess, args.data, args.batch_size, args.workers)
     batches = tqdm(loader, desc="retrieval", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty(),
                    leave=False)
     image_emb, text_emb, text_to_image = retrieval_embeddings(model, tokenizer, batches)
     metrics = retrieval_recall(image_emb, text_emb, text_to_image, ks)
-    record = {"dataset": args.data, "model": cfg.model.name or "inline architecture",
-              "pretrained": str(args.checkpoint), "checkpoint": str(args.checkpoint),
-              "task": "zeroshot_retrieval", "model_task": task.name, "metrics": metrics,
+    record = {"dataset": args.data, "model": loaded.name,
+              "pretrained": loaded.source, "checkpoint": loaded.source,
+              "task": "zeroshot_retrieval", "model_task": loaded.task, "metrics": metrics,
               "ks": list(ks), "batch_size": args.batch_size,
               "captions_per_image": len(text_emb) / max(1, len(image_emb))}
     bad = loader.bad_counts
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).write_text(text + "\n")
     parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/"
                       f"{metrics[f'text_to_image_recall@{k}']:.3f}" for k in ks)
-    print(f"retrieval {task.name} (image->text/text->image): {parts} on {len(image_emb)} images, "
+    print(f"retrieval {loaded.task} (image->text/text->image): {parts} on {len(image_emb)} images, "
           f"{len(text_emb)} captions")
     print(text)
     return 0

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mm.errors import UserError, cli_main
+from mm.evaluate.models import add_model_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mm-zeroshot",
         description="Zero-shot classification (CLIP_benchmark protocol: prompt-ensembled class embeddings, "
                     "logits 100 x cos) of an exported model (runs/<name>/export/model.safetensors).")
-    p.add_argument("--checkpoint", required=True, help="exported safetensors file written by a train/ run")
+    add_model_arguments(p)
     p.add_argument("--data", required=True,
                    help="a directory: image folder, one sub-folder per class; a .csv/.jsonl file: list with "
                         "an image path column (filepath/image) and a label (int or class name); anything "
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
     from mm.evaluate.datasets import SkipUnreadable, build_dataset, dataset_kind, image_label_loader
-    from mm.evaluate.models import load_embedding_model
+    from mm.evaluate.models import load_eval_model
     from mm.metrics.zeroshot import (
         classification_metrics,
         confusion_matrix,
@@ -125,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.templates is None:
         args.templates = args.classnames if args.classnames in BUILTIN_TEMPLATES else "shapes"
     templates = load_templates(args.templates)
-    task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
+    loaded = load_eval_model(args)
+    model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
     if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
-        raise UserError(f"{args.checkpoint}: token-wise scoring needs a FILIP model, this is {task.name!r}")
+        raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
 
     label_mapping, ignored = "shard_json_label", []
     if kind == "shards":
@@ -149,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         skipped_count = int(bad.get("total", 0))
     else:
         bad, skipped_count = {}, len(skipped)
-    record = {"dataset": args.data, "dataset_type": kind, "model": cfg.model.name or "inline architecture",
-              "pretrained": str(args.checkpoint), "checkpoint": str(args.checkpoint),
-              "task": "zeroshot_classification", "model_task": task.name, "metrics": metrics,
+    record = {"dataset": args.data, "dataset_type": kind, "model": loaded.name,
+              "pretrained": loaded.source, "checkpoint": loaded.source,
+              "task": "zeroshot_classification", "model_task": loaded.task, "metrics": metrics,
               "scoring": args.scoring, "classnames": args.classnames or "folder names",
               "templates": args.templates, "n_classes": len(classnames), "n_templates": len(templates),
               "label_mapping": label_mapping, "batch_size": args.batch_size,
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).write_text(text + "\n")
     acc5 = f", acc5 {metrics['acc5']:.3f}" if "acc5" in metrics else ""
     skip = f", {skipped_count} unreadable skipped" if skipped_count else ""
-    print(f"zero-shot {task.name} ({args.scoring}): acc1 {metrics['acc1']:.3f}{acc5}, mean per-class recall "
+    print(f"zero-shot {loaded.task} ({args.scoring}): acc1 {metrics['acc1']:.3f}{acc5}, mean per-class recall "
           f"{metrics['mean_per_class_recall']:.3f} on {int(metrics['n_images'])} images{skip} "
           f"(chance {1.0 / len(classnames):.3f})")
     print(text)
