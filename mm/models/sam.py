@@ -21,6 +21,7 @@ frequencies, and the mask decoder works on any grid (its low-res logits are 4x t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -329,6 +330,23 @@ def trainable_parameter_report(model: nn.Module) -> dict[str, Any]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1), "groups": groups}
+
+
+def trainable_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the parts that train (LoRA, adapter with its BatchNorm statistics, mask
+    decoder): what a trainable-only export holds. Everything else comes from the base checkpoint."""
+    return {name for name in model.state_dict() if _group(name) != "frozen"}
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, Any]:
+    """{'path' (absolute), 'size' (bytes), 'sha256'} of a base checkpoint file: what a trainable-only
+    export records so that it is only ever completed with the weights it was trained on."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"path": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def format_parameter_report(report: dict[str, Any]) -> str:

@@ -2,21 +2,30 @@
 encoder, a spatial conv adapter and a trainable mask decoder, trained with BCE + soft Dice + soft clDice
 on segmentation shards (`key.png|jpg` + `key.mask.png` + optional `key.fov.png`).
 
-What is not here yet (later issues):
-- Validation runs at the model's input resolution (the image resized so its longest side is
-  model.image_size, padding excluded). Native-resolution sliding-window inference restricted to the
-  field of view, as field practice evaluates vessels, belongs to the inference CLI.
-- The export (`<out_dir>/export/model.safetensors`) holds every weight, the frozen SAM included; the
-  issue asks for trainable-only exports (LoRA + adapter + decoder over a named SAM checkpoint).
-- ZeRO 1, 2 and 3 train and export (frozen SAM weights included, see mm/engine/checkpoint.py).
+Export (`<out_dir>/export/model.safetensors`, train.export):
+- `trainable` holds only the LoRA matrices, the adapter (with its BatchNorm statistics) and the mask
+  decoder, plus metadata naming the base SAM checkpoint (variant, absolute path, size, sha256): about
+  20 MB for vit_b instead of 380 MB. mm.engine.checkpoint.load_exported rebuilds SAM from that file
+  (or from `base_checkpoint=`) and refuses any other file.
+- `full` holds every weight, the frozen SAM included (ZeRO-1 checkpoints lack frozen parameters, so the
+  engine fills them from the module).
+- `auto` (default) is `trainable` when model.checkpoint is set and `full` otherwise: a randomly
+  initialised SAM (the CPU test sizes) has no file to rebuild its frozen weights from.
+`mm-merge-lora` (mm/evaluate/merge_lora.py) folds LoRA into the encoder weights of either kind.
+
+Validation runs at the model's input resolution (the image resized so its longest side is
+model.image_size, padding excluded); native-resolution sliding-window inference restricted to the
+field of view, as field practice evaluates vessels, belongs to the inference CLI.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,19 +33,21 @@ import torch
 from PIL import Image
 
 from mm import dist as mmdist
-from mm.config import DataConfig, RunConfig
+from mm.config import DataConfig, RunConfig, TrainConfig
 from mm.data.image_text import decode_image
 from mm.data.loader import Loader, SampleError, StreamSpec, default_collate
-from mm.errors import UserError
+from mm.errors import ConfigError, UserError
 from mm.losses.segmentation import SegLoss
 from mm.metrics.segmentation import pool_metrics, segmentation_metrics
 from mm.models.sam import (
     SamModelConfig,
     build_topolora_sam,
+    checkpoint_identity,
     format_parameter_report,
     prepare_image,
     prepare_mask,
     trainable_parameter_report,
+    trainable_state_keys,
 )
 from mm.tasks.base import Task
 
@@ -66,9 +77,20 @@ class SegLossConfig:
     cldice_iters: int = 10
 
 
+EXPORT_KINDS = ("auto", "full", "trainable")
+
+
+@dataclass
+class SegTrainConfig(TrainConfig):
+    # auto = trainable-only when model.checkpoint is set (the frozen weights can be rebuilt from it),
+    # full otherwise; see the module docstring.
+    export: str = "auto"
+
+
 @dataclass
 class TopoLoraRunConfig(RunConfig):
     model: SamModelConfig = field(default_factory=SamModelConfig)
+    train: SegTrainConfig = field(default_factory=SegTrainConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     loss: SegLossConfig = field(default_factory=SegLossConfig)
 
@@ -207,6 +229,7 @@ class TopoLoraSamTask(Task):
         self._reported = False
 
     def build_model(self, cfg: TopoLoraRunConfig, load_pretrained: bool = True) -> torch.nn.Module:
+        export_kind(cfg)  # a bad train.export fails before training, not at its end
         model = build_topolora_sam(cfg.model, load_pretrained)
         lc = cfg.loss
         self.seg_loss = SegLoss(lc.bce, lc.dice, lc.cldice, lc.cldice_iters)
@@ -225,3 +248,47 @@ class TopoLoraSamTask(Task):
 
     def evaluate(self, model: torch.nn.Module, cfg: TopoLoraRunConfig) -> dict[str, float]:
         return evaluate_segmentation(model, cfg)
+
+    def export_keys(self, model: torch.nn.Module, cfg: TopoLoraRunConfig) -> set[str] | None:
+        return trainable_state_keys(model) if export_kind(cfg) == "trainable" else None
+
+    def export_metadata(self, cfg: TopoLoraRunConfig) -> dict[str, str]:
+        base = {"variant": cfg.model.variant, **checkpoint_identity(cfg.model.checkpoint)}
+        return {"mm_base": json.dumps(base, sort_keys=True)}
+
+    def build_export_base(self, cfg: TopoLoraRunConfig, meta: dict[str, str], path: str,
+                          base_checkpoint: str | None = None) -> torch.nn.Module:
+        """SAM from the export's base checkpoint (`base_checkpoint`, else the recorded absolute path, else
+        model.checkpoint as configured) with LoRA and the adapter; cfg.model.checkpoint is set to the
+        file used. Another variant or another file than the one trained on is a UserError."""
+        base = json.loads(meta.get("mm_base", "{}"))
+        candidates = [base_checkpoint] if base_checkpoint else [base.get("path"), cfg.model.checkpoint]
+        found = next((c for c in candidates if c and Path(c).is_file()), None)
+        if found is None:
+            tried = ", ".join(dict.fromkeys(c for c in candidates if c)) or "none recorded"
+            raise UserError(f"{path}: holds only the trained weights; its base SAM {cfg.model.variant} "
+                            f"checkpoint is not found (tried {tried}); pass it with --base-checkpoint "
+                            f"(base_checkpoint=)")
+        cfg.model.checkpoint = str(found)
+        model = build_topolora_sam(cfg.model, load_checkpoint=True)  # another variant: UserError here
+        if base.get("sha256"):
+            got = checkpoint_identity(found)
+            if (got["size"], got["sha256"]) != (base.get("size"), base["sha256"]):
+                raise UserError(f"{path}: base SAM checkpoint {found} (sha256 {got['sha256'][:12]}) is not "
+                                f"the one it was trained on ({Path(base.get('path', '?')).name}, "
+                                f"sha256 {base['sha256'][:12]})")
+        return model
+
+
+def export_kind(cfg: TopoLoraRunConfig) -> str:
+    """'full' or 'trainable', resolving train.export = auto; trainable without a base checkpoint is a
+    ConfigError (nothing could rebuild the frozen weights)."""
+    kind = cfg.train.export
+    if kind not in EXPORT_KINDS:
+        raise ConfigError(f"train.export must be one of {', '.join(EXPORT_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        return "trainable" if cfg.model.checkpoint else "full"
+    if kind == "trainable" and not cfg.model.checkpoint:
+        raise ConfigError("train.export=trainable needs model.checkpoint: a randomly initialised SAM "
+                          "cannot be rebuilt from a trainable-only export")
+    return kind

@@ -1,0 +1,211 @@
+"""TopoLoRA-SAM trainable-only exports (what they hold, how they load, what they refuse) and mm-merge-lora.
+
+Exports are written here the way the trainer's export step writes them (Task.export_keys/export_metadata
+then the engine's save_export); tests/dist/topolora_check.py runs the trainer's own path under ZeRO 2/3.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mm.config import config_json, load_config
+from mm.engine.checkpoint import load_exported, read_export_metadata, save_export
+from mm.errors import ConfigError, UserError
+from mm.evaluate.merge_lora import main as merge_main
+from mm.models.sam import SamModelConfig, build_sam, build_topolora_sam, merge_lora, prepare_image
+from mm.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"variant": "custom", "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
+              "encoder_global_attn_indexes": [1], "image_size": 64}
+TINY = [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+
+
+def _base_checkpoint(path: Path, seed: int = 0, dim: int = 32) -> Path:
+    torch.manual_seed(seed)
+    sam = build_sam(SamModelConfig(**{**TINY_MODEL, "encoder_embed_dim": dim}))
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if "pos" in name:  # zero-initialised in segment_anything; make them matter
+                p.normal_(0, 0.5)
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+def _cfg(*overrides: str):
+    task = get_task("topolora_sam")
+    return task, load_config(ROOT / "configs/topolora_sam/tiny.yaml", TINY + list(overrides), task.config_class)
+
+
+def _trained_model(task, cfg):
+    """The model as built for training, with every trainable part moved off its initial value."""
+    torch.manual_seed(1)
+    model = task.build_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+        model.adapter.norm.running_mean.normal_(0, 0.1)
+        model.adapter.norm.running_var.uniform_(0.5, 1.5)
+        model.adapter.norm.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def _write_export(task, cfg, model, path: Path) -> Path:
+    """What the trainer's export step writes, from a module instead of a DeepSpeed checkpoint."""
+    keys = task.export_keys(model, cfg)
+    meta = {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": "7",
+            "mm_export": "full" if keys is None else "trainable"}
+    if keys is not None:
+        meta.update(task.export_metadata(cfg))
+    state = model.state_dict()
+    save_export(state if keys is None else {k: state[k] for k in keys}, path, meta)
+    return path
+
+
+def _images() -> torch.Tensor:
+    return prepare_image(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 255, 64)[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    base = _base_checkpoint(root / "sam_tiny.pth")
+    task, cfg = _cfg(f"model.checkpoint={base}")
+    model = _trained_model(task, cfg)
+    with torch.no_grad():
+        expected = model(_images())
+    path = _write_export(task, cfg, model, root / "model.safetensors")
+    full = _write_export(task, _cfg(f"model.checkpoint={base}", "train.export=full")[1], model,
+                         root / "full.safetensors")
+    return {"root": root, "base": base, "model": model, "expected": expected, "path": path, "full": full}
+
+
+def test_trainable_export_holds_only_lora_adapter_decoder(trained):
+    with safe_open(str(trained["path"]), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys and all(".lora_A." in k or ".lora_B." in k or k.startswith(("adapter.", "mask_decoder."))
+                        for k in keys)
+    assert {"adapter.norm.running_mean", "adapter.norm.num_batches_tracked"} <= keys  # BN statistics too
+    assert keys == {n for n, _ in trained["model"].named_parameters() if _trains(n)} | {
+        n for n, _ in trained["model"].named_buffers() if n.startswith("adapter.")}
+    meta = read_export_metadata(trained["path"])
+    assert meta["mm_export"] == "trainable" and '"sha256"' in meta["mm_base"]
+    # The frozen SAM's bytes are what the trainable-only file saves (the tiny SAM's decoder dominates it).
+    frozen = sum(v.numel() * 4 for k, v in trained["model"].state_dict().items() if k not in keys)
+    assert trained["full"].stat().st_size - trained["path"].stat().st_size >= frozen
+
+
+def _trains(name: str) -> bool:
+    return ".lora_" in name or name.startswith(("adapter.", "mask_decoder."))
+
+
+def test_trainable_export_loads_with_the_trained_outputs(trained):
+    for path in (trained["path"], trained["full"]):
+        _, cfg, model = load_exported(path, expect_task="topolora_sam")
+        with torch.no_grad():
+            torch.testing.assert_close(model(_images()), trained["expected"], atol=1e-6, rtol=1e-6)
+    assert Path(cfg.model.checkpoint).resolve() == trained["base"].resolve()
+
+
+def test_moved_base_checkpoint_needs_the_override(trained, tmp_path):
+    export = tmp_path / "model.safetensors"
+    shutil.copy(trained["path"], export)
+    moved = tmp_path / "elsewhere.pth"
+    shutil.move(trained["base"], moved)
+    try:
+        with pytest.raises(UserError, match=r"holds only the trained weights.*--base-checkpoint") as err:
+            load_exported(export)
+        assert "\n" not in str(err.value)
+        _, cfg, model = load_exported(export, base_checkpoint=str(moved))
+        assert cfg.model.checkpoint == str(moved)
+        with torch.no_grad():
+            torch.testing.assert_close(model(_images()), trained["expected"], atol=1e-6, rtol=1e-6)
+    finally:
+        shutil.move(moved, trained["base"])
+
+
+def test_wrong_base_checkpoints_are_refused(trained, tmp_path):
+    other = _base_checkpoint(tmp_path / "other_seed.pth", seed=5)  # same sizes, other weights
+    with pytest.raises(UserError, match=r"other_seed\.pth .*is not the one it was trained on"):
+        load_exported(trained["path"], base_checkpoint=str(other))
+    wider = _base_checkpoint(tmp_path / "wider.pth", dim=48)  # another encoder
+    with pytest.raises(UserError, match=r"wider\.pth does not fit custom .*width 48"):
+        load_exported(trained["path"], base_checkpoint=str(wider))
+
+
+def test_export_kind_follows_the_base_checkpoint(trained):
+    task, cfg = _cfg()  # the tiny config: random SAM, nothing to rebuild frozen weights from
+    model = task.build_model(cfg)
+    assert cfg.train.export == "auto" and task.export_keys(model, cfg) is None
+    with pytest.raises(ConfigError, match="train.export=trainable needs model.checkpoint"):
+        task.build_model(_cfg("train.export=trainable")[1])
+    with pytest.raises(ConfigError, match="train.export must be one of"):
+        task.build_model(_cfg("train.export=lora")[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# mm-merge-lora
+
+
+@pytest.mark.parametrize("source", ["path", "full"])
+def test_merged_file_gives_the_unmerged_outputs(trained, tmp_path, source, capsys):
+    out = tmp_path / "merged.safetensors"
+    assert merge_main([str(trained[source]), "--out", str(out)]) == 0
+    assert "merged 4 LoRA layers" in capsys.readouterr().out  # lin1 + lin2 in 2 blocks
+    meta = read_export_metadata(out)
+    assert meta["mm_export"] == "full"
+    _, cfg, merged = load_exported(out, expect_task="topolora_sam")
+    assert cfg.model.lora_r == 0
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_images()), trained["expected"], atol=1e-5, rtol=1e-5)
+    # The file is a SAM state dict in segment_anything's layout plus the adapter.
+    with safe_open(str(out), framework="pt") as f:
+        keys = set(f.keys())
+    sam_keys = set(build_sam(SamModelConfig(**TINY_MODEL)).state_dict())
+    assert {k for k in keys if not k.startswith("adapter.")} == sam_keys
+    assert not any("lora" in k or "base_layer" in k for k in keys)
+
+
+def test_merged_vit_b_loads_into_segment_anything_builder():
+    from segment_anything import sam_model_registry
+
+    model = build_topolora_sam(SamModelConfig(variant="vit_b"), load_checkpoint=False)
+    with torch.no_grad():
+        model.image_encoder.blocks[0].mlp.lin1.lora_B["default"].weight.fill_(0.01)
+    lin1 = model.image_encoder.blocks[0].mlp.lin1
+    expected = lin1.base_layer.weight + 2.0 * lin1.lora_B["default"].weight @ lin1.lora_A["default"].weight
+    state = merge_lora(model).state_dict()
+    sam = sam_model_registry["vit_b"]()
+    sam.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
+    torch.testing.assert_close(sam.image_encoder.blocks[0].mlp.lin1.weight, expected.detach())
+
+
+def test_merge_errors_are_one_line(trained, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+
+    def fails(*argv: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            merge_main(list(argv))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        return err
+
+    assert "no such checkpoint file" in fails(str(tmp_path / "nope.safetensors"), "--out", str(out))
+    assert "is the export itself" in fails(str(trained["path"]), "--out", str(trained["path"]), "--overwrite")
+    assert "*.safetensors" in fails(str(trained["path"]), "--out", str(tmp_path / "merged.pth"))
+    merge_main([str(trained["path"]), "--out", str(out)])
+    capsys.readouterr()
+    assert "exists; pass --overwrite" in fails(str(trained["path"]), "--out", str(out))
+    assert "no LoRA layers to merge" in fails(str(out), "--out", str(tmp_path / "again.safetensors"))
+    assert "not found" in fails(str(trained["path"]), "--out", str(tmp_path / "m2.safetensors"),
+                                "--base-checkpoint", str(tmp_path / "missing.pth"))
+    clip = tmp_path / "clip.safetensors"
+    save_export({"w": torch.zeros(1)}, clip, {"mm_task": "clip", "mm_config": "{}"})
+    assert "expected 'topolora_sam'" in fails(str(clip), "--out", str(tmp_path / "m3.safetensors"))
