@@ -211,3 +211,11 @@ def test_evaluation_reports_pooled_and_tokenwise_zeroshot(dist_results, stage):
                 "zeroshot_tokenwise/mean_per_class_recall"):
         assert 0.0 <= ev[key] <= 1.0, key
     assert ev["zeroshot/n_images"] == 24
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_periodic_zeroshot_is_logged_and_equals_the_exported_models(dist_results, stage):
+    r = dist_results[stage]
+    assert r["zeroshot_logged_at"] == [4, 8]  # train.eval_every=4, plus the final evaluation
+    for key, value in r["eval_of_export"].items():
+        assert r["eval"][key] == pytest.approx(value, abs=1e-6), key

@@ -14,6 +14,7 @@ TINY = [
     "model.arch.vision_cfg.layers=1", "model.arch.text_cfg.width=32", "model.arch.text_cfg.layers=1",
     "model.arch.text_cfg.context_length=12", "model.embed_dim=32", "data.batch_size=8",
     "optim.warmup_steps=2", "optim.lr=3e-3", "train.log_every=1", "train.steps=8", "train.ckpt_every=0",
+    "train.eval_every=4",
 ]
 
 
@@ -43,13 +44,16 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
         _, _, plain = load_exported(res["export"], expect_task="filip")
         with torch.no_grad():
             exported = plain.encode_image(image)
-        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if "loss" in json.loads(line)]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in records if "loss" in r]
         results[stage] = {
             "losses": losses,
             "step": res["step"],
             "export_output_diff": (trained - exported).abs().max().item(),
             "eval": res["eval"],
+            # The same evaluation on the exported fp32 copy, without DeepSpeed: ZeRO-3 must not change it.
+            "eval_of_export": task.evaluate(plain, cfg),
+            "zeroshot_logged_at": [r["step"] for r in records if "zeroshot/acc1" in r],
         }
     if rank == 0:
         Path(out, "results.json").write_text(json.dumps(results))
