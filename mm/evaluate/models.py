@@ -23,6 +23,9 @@ def load_embedding_model(path: str) -> tuple[Any, Any, torch.nn.Module, Callable
     task, cfg, model = load_exported(path)
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise UserError(f"{path}: a {task.name} model has no encode_image/encode_text")
+    # A task whose model is not an open_clip one (STRUCTURE's frozen encoders) says what feeds it.
+    if hasattr(task, "tokenizer_and_preprocess"):
+        return task, cfg, model, *task.tokenizer_and_preprocess(cfg)
     return task, cfg, model, clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
 
 

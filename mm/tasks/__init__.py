@@ -6,11 +6,13 @@ from mm.errors import UserError
 from mm.tasks.base import Task
 from mm.tasks.clip import ClipTask
 from mm.tasks.filip import FilipTask
+from mm.tasks.structure import StructureTask
 from mm.tasks.structure_clip import StructureClipTask
 from mm.tasks.topolora_sam import TopoLoraSamTask
 
 TASKS: dict[str, type[Task]] = {"clip": ClipTask, "filip": FilipTask, "structure_clip": StructureClipTask,
                                 "topolora_sam": TopoLoraSamTask}
+TASKS["structure"] = StructureTask
 
 
 def get_task(name: str) -> Task:

@@ -1,0 +1,180 @@
+"""STRUCTURE on the shared engine (METHODS.md §3): heads over frozen pretrained encoders, trained on
+cached features with InfoNCE(tau) + lambda_t (R_S(image) + R_S(text)) / 2.
+
+Workflow (`mm-structure`, mm/tasks/structure_cli.py): `cache` extracts every layer of both encoders
+once; `select` scores every (vision layer, text layer) pair and writes a config with the best pair;
+`train/structure.py` trains the heads on the cached features of the chosen layers under ZeRO 1/2/3.
+Each global batch is drawn from one seeded permutation of the cache per epoch and split over the
+ranks; the loss (InfoNCE and R_S) is computed on the gathered global batch, as the release computes
+it on its single-GPU batch of 4096.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mm import dist as mmdist
+from mm.config import RunConfig
+from mm.data.feature_cache import FeatureCache, expected_identity
+from mm.errors import ConfigError, DataError
+from mm.losses.structure import DIVERGENCES, structure_loss
+from mm.models.encoders import build_encoder, identity_digest, resolve_layer
+from mm.models.structure import (
+    StructureModelConfig,
+    build_structure_model,
+    structure_preprocess,
+    structure_tokenizer,
+)
+from mm.tasks.base import Task
+
+
+@dataclass
+class StructureLossConfig:
+    tau: float = 0.05  # shared by InfoNCE and R_S, as in the release
+    lam: float = 10.0  # lambda after warm-up
+    warmup_steps: int = 1000  # lambda rises linearly from 0 over these optimizer steps
+    levels: int = 1  # L: random-walk levels P^1..P^L
+    divergence: str = "js"  # js (textbook) | js_release (the released code's reversed KL)
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "runs/structure-cache"
+    batch_size: int = 64  # images through the encoders per forward while caching
+    num_workers: int = 2
+    dtype: str = "float32"  # float32 | float16 (halves the disk; features are upcast to fp32 on load)
+    part_size: int = 8192  # samples per part file (bounds memory while caching)
+    max_samples: int = 0  # 0 = every pair in data.train
+    device: str = "cpu"  # where the encoders run while caching (cuda on a GPU node)
+
+
+@dataclass
+class SelectConfig:
+    metric: str = "mutual_knn"  # mutual_knn | cka
+    n: int = 5000  # pairs scored (a seeded random subset when the cache holds more)
+    k: int = 0  # neighbours for mutual_knn; 0 = ceil(2 n^(1/3))
+    seed: int = 0
+    out: str = ""  # directory for alignment.json / .png and train.yaml; "" = <cache.dir>/select
+
+
+@dataclass
+class StructureRunConfig(RunConfig):
+    model: StructureModelConfig = field(default_factory=StructureModelConfig)
+    loss: StructureLossConfig = field(default_factory=StructureLossConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+
+
+def open_checked_cache(cfg: StructureRunConfig) -> FeatureCache:
+    """The feature cache of cfg.cache.dir, refused if it was built from other encoders or data."""
+    return FeatureCache(cfg.cache.dir, expected_identity(cfg.model.vision, cfg.model.text, cfg.data.train))
+
+
+class CachedFeatureBatches:
+    """Endless batches of cached (vision, text) features: each epoch one seeded permutation of all
+    pairs, cut into global batches (incomplete tail dropped), each rank taking its slice. The state
+    (epoch, position) resumes exactly."""
+
+    def __init__(self, vision: torch.Tensor, text: torch.Tensor, batch_size: int, seed: int, rank: int,
+                 world_size: int, state: dict | None = None):
+        self.vision, self.text = vision, text
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        if len(vision) < batch_size * world_size:
+            raise DataError(f"the feature cache holds {len(vision)} pairs, fewer than one global batch "
+                            f"({batch_size} x {world_size} ranks)")
+        state = state or {}
+        self.epoch, self.pos = int(state.get("epoch", 0)), int(state.get("pos", 0))
+        self.bad_counts: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[dict]:
+        n, b, global_b = len(self.vision), self.batch_size, self.batch_size * self.world
+        while True:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(n, generator=gen)
+            while self.pos + global_b <= n:
+                start = self.pos + self.rank * b
+                idx = perm[start:start + b]
+                self.pos += global_b
+                yield {"vision": self.vision[idx], "text": self.text[idx]}
+            self.epoch, self.pos = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+class StructureTask(Task):
+    name = "structure"
+    config_class = StructureRunConfig
+
+    def __init__(self) -> None:
+        # losses() receives only the engine and a batch: the loss settings are taken from the config
+        # when the model and the batches are built.
+        self.loss_cfg = StructureLossConfig()
+
+    def build_model(self, cfg: StructureRunConfig, load_pretrained: bool = True) -> torch.nn.Module:
+        """Training (load_pretrained): heads sized from the checked cache, with the cache's encoder
+        digests. Loading an export: the frozen encoders are built from their paths (the export holds
+        only the heads and the digests, which are checked at the first encode)."""
+        _check(cfg)
+        self.loss_cfg = cfg.loss
+        if load_pretrained:
+            cache = open_checked_cache(cfg)
+            model = build_structure_model(cfg.model, cache.vision_dims, cache.text_dims)
+            ident = cache.meta["identity"]
+            model.set_encoder_digest(identity_digest(ident["vision"]), identity_digest(ident["text"]))
+            return model
+        vision = build_encoder(cfg.model.vision, "vision")
+        text = build_encoder(cfg.model.text, "text")
+        model = build_structure_model(cfg.model, vision.dims, text.dims)
+        model.attach_encoders(vision, text)
+        return model
+
+    def batches(self, cfg: StructureRunConfig, split: str, rank: int = 0, world_size: int = 1,
+                state: dict | None = None) -> CachedFeatureBatches:
+        self.loss_cfg = cfg.loss
+        cache = open_checked_cache(cfg)
+        v = resolve_layer(cfg.model.vision_layer, len(cache.vision_dims), "model.vision_layer")
+        t = resolve_layer(cfg.model.text_layer, len(cache.text_dims), "model.text_layer")
+        return CachedFeatureBatches(cache.layer("vision", v), cache.layer("text", t), cfg.data.batch_size,
+                                    cfg.train.seed, rank, world_size, state)
+
+    def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        lc = self.loss_cfg
+        # The engine counts optimizer steps; lambda's warm-up follows them (and resumes with them).
+        step = int(getattr(model, "global_steps", 0))
+        img, txt = model(batch["vision"], batch["text"])
+        gather = mmdist.all_gather_with_grad
+        return structure_loss(mmdist.all_gather_no_grad(batch["vision"].float()),
+                              mmdist.all_gather_no_grad(batch["text"].float()),
+                              gather(img.float()), gather(txt.float()), step, tau=lc.tau, lam=lc.lam,
+                              warmup_steps=lc.warmup_steps, levels=lc.levels, divergence=lc.divergence)
+
+    def evaluate(self, model: torch.nn.Module, cfg: StructureRunConfig) -> dict[str, float]:
+        if not cfg.eval.zeroshot_data:
+            return {}
+        from mm.data.classnames import load_classnames, load_templates
+        from mm.metrics.zeroshot import evaluate_zeroshot
+
+        device = next(model.parameters()).device
+        tokenizer, preprocess = self.tokenizer_and_preprocess(cfg)
+        metrics = evaluate_zeroshot(model, tokenizer, preprocess, cfg.eval.zeroshot_data,
+                                    load_classnames(cfg.eval.classnames), load_templates(cfg.eval.templates),
+                                    cfg.eval.batch_size, device=device)
+        return {f"zeroshot/{k}": v for k, v in metrics.items()}
+
+    def tokenizer_and_preprocess(self, cfg: StructureRunConfig) -> tuple[Any, Any]:
+        """What the evaluation CLIs feed encode_text / encode_image (mm.evaluate.models)."""
+        return structure_tokenizer(cfg.model), structure_preprocess(cfg.model)
+
+
+def _check(cfg: StructureRunConfig) -> None:
+    if cfg.loss.divergence not in DIVERGENCES:
+        raise ConfigError(f"loss.divergence must be one of {DIVERGENCES}, got {cfg.loss.divergence!r}")
+    if cfg.loss.levels < 1:
+        raise ConfigError(f"loss.levels must be >= 1, got {cfg.loss.levels}")
+    if cfg.loss.tau <= 0:
+        raise ConfigError(f"loss.tau must be > 0, got {cfg.loss.tau}")
