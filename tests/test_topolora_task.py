@@ -108,7 +108,9 @@ def test_configs_load(shapes):
 @pytest.fixture(scope="module")
 def dist_results(torchrun, shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("topolora")
-    proc = torchrun(ROOT / "tests/dist/topolora_check.py", shapes["train"], shapes["val"], str(out), "1,2,3", "30")
+    # ZeRO-1 from a random SAM (full export); ZeRO-2 and 3 from a base checkpoint (trainable-only export).
+    proc = torchrun(ROOT / "tests/dist/topolora_check.py", shapes["train"], shapes["val"], str(out), "1,2,3", "30",
+                    "2,3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text())
 
@@ -125,3 +127,13 @@ def test_two_ranks_train_and_validation_dice_rises(dist_results, stage):
 @pytest.mark.parametrize("stage", ["1", "2", "3"])
 def test_export_loads_with_the_trained_outputs(dist_results, stage):
     assert dist_results[stage]["export_output_diff"] < 1e-5
+
+
+def test_export_kinds_under_zero(dist_results):
+    full = dist_results["1"]
+    assert full["export_kind"] == "full" and full["export_has_frozen"]
+    for stage in ("2", "3"):
+        r = dist_results[stage]
+        assert r["export_kind"] == "trainable", stage
+        assert r["export_has_all_trainable"] and not r["export_has_frozen"], stage
+        assert r["merged_output_diff"] < 1e-5, stage  # mm-merge-lora keeps the trained outputs

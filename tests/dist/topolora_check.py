@@ -1,9 +1,11 @@
 """Run by tests/test_topolora_task.py under `torchrun --nproc_per_node 2`: a tiny TopoLoRA-SAM trained on
 the shapes world under each given ZeRO stage; validation before and after, and the export reloaded.
+Stages listed in BASE_STAGES train from a base SAM checkpoint (a random tiny SAM saved by rank 0), so
+their export is trainable-only (train.export auto); those exports are also merged with mm-merge-lora.
 Writes a JSON of measurements for the test.
 
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/dist/topolora_check.py \
-        TRAIN_SHARDS VAL_SHARD OUT_DIR 1,2
+        TRAIN_SHARDS VAL_SHARD OUT_DIR 1,2,3 STEPS 2,3
 """
 
 import json
@@ -22,22 +24,32 @@ TINY = [
 ]
 
 
-def main(train: str, val: str, out: str, stages: list[int], steps: int) -> None:
+def main(train: str, val: str, out: str, stages: list[int], steps: int, base_stages: list[int]) -> None:
+    from safetensors import safe_open
+
     from mm.config import load_config
-    from mm.engine.checkpoint import load_exported
+    from mm.engine.checkpoint import load_exported, read_export_metadata
     from mm.engine.trainer import init_distributed
     from mm.engine.trainer import train as run
+    from mm.evaluate.merge_lora import merge_export
+    from mm.models.sam import build_sam
     from mm.tasks import get_task
 
     init_distributed()
     rank = dist.get_rank()
     task = get_task("topolora_sam")
+    base = Path(out) / "sam_tiny_base.pth"
     results = {}
     for stage in stages:
+        extra = [f"model.checkpoint={base}"] if stage in base_stages else []
         cfg = load_config(ROOT / "configs/topolora_sam/tiny.yaml",
                           TINY + [f"data.train={train}", f"data.val={val}", f"train.steps={steps}",
                                   f"train.deepspeed_config={ROOT}/configs/ds/zero{stage}.json",
-                                  f"train.out_dir={Path(out) / f'z{stage}'}"], task.config_class)
+                                  f"train.out_dir={Path(out) / f'z{stage}'}", *extra], task.config_class)
+        if extra and rank == 0 and not base.exists():
+            torch.manual_seed(123)
+            torch.save(build_sam(cfg.model).state_dict(), base)
+        dist.barrier()
         # Validation of the model as the trainer builds it at step 0 (same seed), before any step.
         torch.manual_seed(cfg.train.seed)
         before = task.evaluate(task.build_model(cfg), cfg)
@@ -53,7 +65,21 @@ def main(train: str, val: str, out: str, stages: list[int], steps: int) -> None:
         with torch.no_grad():
             exported = plain(images)
         losses = [json.loads(line) for line in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        with safe_open(res["export"], framework="pt") as f:
+            exported_keys = set(f.keys())
+        trainable = {n for n, p in plain.named_parameters() if p.requires_grad}
+        merged_diff = None
+        if stage in base_stages and rank == 0:
+            merged_path = Path(out) / f"merged-z{stage}.safetensors"
+            merge_export(res["export"], merged_path)
+            _, _, merged = load_exported(merged_path, expect_task="topolora_sam")
+            with torch.no_grad():
+                merged_diff = (merged(images) - exported).abs().max().item()
         results[stage] = {
+            "export_kind": read_export_metadata(res["export"])["mm_export"],
+            "export_has_frozen": bool(exported_keys - trainable - {n for n, _ in plain.named_buffers()}),
+            "export_has_all_trainable": trainable <= exported_keys,
+            "merged_output_diff": merged_diff,
             "before": before, "after": after, "step": res["step"],
             "losses": [r["loss"] for r in losses if "loss" in r],
             "export_output_diff": (trained - exported).abs().max().item(),
@@ -65,4 +91,5 @@ def main(train: str, val: str, out: str, stages: list[int], steps: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], [int(s) for s in sys.argv[4].split(",")],
-         int(sys.argv[5]) if len(sys.argv) > 5 else 30)
+         int(sys.argv[5]) if len(sys.argv) > 5 else 30,
+         [int(s) for s in sys.argv[6].split(",") if s] if len(sys.argv) > 6 else [])
