@@ -95,6 +95,17 @@ def test_tiled_inference_equals_untiled_inference_of_an_equivariant_model(blend,
     assert segmenter.tiles_run == rows * cols
 
 
+def test_bf16_autocast_on_the_cpu_and_no_fp16_there():
+    stub = PointwiseStub()
+    image = rgb(50, 40)
+    fp32 = Segmenter(stub, TILE, InferenceOptions(mode="tile")).logits(image)
+    bf16 = Segmenter(stub, TILE, InferenceOptions(mode="tile", precision="bf16")).logits(image)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.02)
+    with pytest.raises(segment.UserError, match="fp16 needs a GPU"):
+        Segmenter(stub, TILE, InferenceOptions(precision="fp16"))
+
+
 def test_tiles_cover_the_image_and_end_at_its_border():
     assert tile_starts(100, 32, 0.25) == [0, 24, 48, 68]
     assert tile_starts(32, 32, 0.9) == [0]
@@ -209,7 +220,7 @@ def test_metrics_files_match_mm_metrics(tmp_path, export, capsys):
     for i, (h, w) in enumerate([(45, 70), (20, 25), (40, 36)]):
         Image.fromarray(rgb(h, w, seed=i)).save(images / f"{i:02d}_test.png")
         truths[i] = rng.random((h, w)) > 0.6
-        Image.fromarray(np.where(truths[i], 255, 0).astype(np.uint8)).save(masks / f"{i:02d}_test_manual1.gif")
+        Image.fromarray(np.where(truths[i], 255, 0).astype(np.uint8)).save(masks / f"{i:02d}_manual1.gif")
         fov_masks[i] = np.zeros((h, w), bool)
         fov_masks[i][2:-2, 3:] = True
         Image.fromarray(np.where(fov_masks[i], 255, 0).astype(np.uint8)).save(fovs / f"{i:02d}_test_mask.gif")
@@ -217,13 +228,13 @@ def test_metrics_files_match_mm_metrics(tmp_path, export, capsys):
     # The median probability of a random model as threshold: masks are neither empty nor full.
     code, _, err = run_main(capsys, "--checkpoint", str(export), "--input", str(images), "--output", str(out),
                             "--masks", str(masks), "--mask-suffix", "_manual1", "--fov", str(fovs),
-                            "--fov-suffix", "_mask", "--save-prob", "tif")
+                            "--fov-suffix", "_test_mask", "--image-suffix", "_test", "--save-prob", "tif")
     assert code == 0, err
     probs = [tifffile.imread(out / f"{i:02d}_test_prob.tif") for i in range(3)]
     threshold = float(np.median(np.concatenate([p[f] for p, f in zip(probs, fov_masks.values())])))
     code, _, err = run_main(capsys, "--checkpoint", str(export), "--input", str(images), "--output", str(out),
                             "--masks", str(masks), "--mask-suffix", "_manual1", "--fov", str(fovs),
-                            "--fov-suffix", "_mask", "--threshold", str(threshold))
+                            "--fov-suffix", "_test_mask", "--image-suffix", "_test", "--threshold", str(threshold))
     assert code == 0, err
     record = json.loads((out / "metrics.json").read_text())
     expected = []

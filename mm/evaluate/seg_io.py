@@ -151,9 +151,16 @@ def files_by_stem(directory: Path) -> dict[str, list[Path]]:
     return table
 
 
-def match(image: Path, table: dict[str, list[Path]], suffix: str, what: str, folder: Path) -> Path:
-    """The one file of `table` named <image stem><suffix>.*; DataError otherwise."""
-    name = image_stem(image) + suffix
+def match_name(image: Path, suffix: str, strip: str = "") -> str:
+    """<image stem without `strip` at its end><suffix>: DRIVE's 21_training.tif with strip '_training'
+    and suffix '_manual1' -> 21_manual1."""
+    return image_stem(image).removesuffix(strip) + suffix if strip else image_stem(image) + suffix
+
+
+def match(image: Path, table: dict[str, list[Path]], suffix: str, what: str, folder: Path,
+          strip: str = "") -> Path:
+    """The one file of `table` named match_name(image, suffix, strip).*; DataError otherwise."""
+    name = match_name(image, suffix, strip)
     found = table.get(name, [])
     if len(found) != 1:
         raise DataError(f"no {what} named {name}.* in {folder}" if not found else

@@ -48,6 +48,7 @@ from mm.evaluate.seg_io import (
     image_stem,
     is_image_file,
     match,
+    match_name,
     overlay,
     read_image,
     read_mask,
@@ -170,6 +171,7 @@ def list_inputs(specs: list[str]) -> tuple[list[Path], bool]:
     """(image paths, whether the input is one named file). Folders are listed (not recursively), globs
     expanded; an input that matches nothing, or no image at all, is a UserError."""
     paths: list[Path] = []
+    seen: set[Path] = set()
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
@@ -184,7 +186,8 @@ def list_inputs(specs: list[str]) -> tuple[list[Path], bool]:
                 raise UserError(f"{spec}: no image files match this pattern")
         else:
             raise UserError(f"{p}: no such file or folder")
-        paths.extend(q for q in found if q not in paths)
+        paths.extend(q for q in found if q not in seen)
+        seen.update(found)
     single = len(specs) == 1 and Path(specs[0]).is_file()
     return paths, single
 
@@ -249,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", help="folder of ground-truth masks, matched by name: metrics.json/.csv")
     p.add_argument("--mask-suffix", default="",
                    help="text after the image stem in mask names, e.g. '_manual1' for 21_manual1.gif")
+    p.add_argument("--image-suffix", default="",
+                   help="text at the end of image stems that mask and FOV names replace by their suffix, "
+                        "e.g. '_training' (DRIVE: 21_training.tif -> 21_manual1.gif, 21_training_mask.gif "
+                        "with --fov-suffix _training_mask)")
     p.add_argument("--fov", help="folder of field-of-view masks, matched by name like --masks")
     p.add_argument("--fov-suffix", default="", help="text after the image stem in field-of-view names")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid(logit) > this")
@@ -285,6 +292,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--percentiles must satisfy 0 <= LO < HI <= 100, got {lo} {hi}")
     if args.mask_suffix and not args.masks:
         raise UserError("--mask-suffix needs --masks")
+    if args.image_suffix and not (args.masks or args.fov):
+        raise UserError("--image-suffix needs --masks or --fov")
     if args.fov_suffix and not args.fov:
         raise UserError("--fov-suffix needs --fov")
     for flag, folder in (("--masks", args.masks), ("--fov", args.fov)):
@@ -302,7 +311,7 @@ def segment_one(path: Path, key: str, segmenter: Segmenter, args: argparse.Names
     height, width = rgb.shape[:2]
     masks: dict[str, np.ndarray] = {}
     for what, (table, suffix, folder) in tables.items():
-        mask_path = match(path, table, suffix, what, folder)
+        mask_path = match(path, table, suffix, what, folder, args.image_suffix)
         try:
             mask = read_mask(mask_path)
         except DataError as e:
@@ -353,9 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         tables["field-of-view mask"] = (files_by_stem(Path(args.fov)), args.fov_suffix, Path(args.fov))
     # A folder may hold images and their masks together (CHASE_DB1): another image's mask is no input.
     if tables:
-        stems = {image_stem(p) for p in paths}
         taken = {q for table, suffix, _ in tables.values() if suffix
-                 for stem in stems for q in table.get(stem + suffix, [])}
+                 for p in paths for q in table.get(match_name(p, suffix, args.image_suffix), [])}
         paths = [p for p in paths if p not in taken] or paths
     cfg, model = load_model(args.checkpoint, args.base_checkpoint)
     out = Path(args.output)
