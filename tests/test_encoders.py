@@ -21,7 +21,9 @@ TINY_VIT = EncoderConfig(kind="timm", name="vit_tiny_patch16_224", image_size=32
 TINY_CLIP_ARCH = {"embed_dim": 16,
                   "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
                   "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}}
-WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "the", "above", "small"]
+# The shapes world's vocabulary (and a few more), so that its captions tokenise without [UNK].
+WORDS = ["a", "an", "the", "photo", "of", "red", "green", "blue", "yellow", "circle", "square", "triangle",
+         "to", "left", "right", "above", "below", "small", "picture", "shape", "."]
 
 
 def _hooked_outputs(modules) -> tuple[list, list]:
@@ -107,9 +109,8 @@ def test_open_clip_towers_match_the_models_own_embeddings(tmp_path):
 def _save_tiny_bert(root) -> str:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=24, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=48, max_position_embeddings=32))
@@ -133,6 +134,7 @@ def test_hf_text_mask_mean_of_every_hidden_state(tiny_bert):
     captions = ["a red circle", "a small blue square left of the green triangle"]
     tokens = tok(captions)
     assert tokens.shape == (2, 2, 16) and tokens.dtype == torch.int64
+    assert not (tokens[:, 0] == 1).any()  # no [UNK]: the saved vocabulary is the one in use
     ref = AutoModel.from_pretrained(tiny_bert).eval()
     with torch.no_grad():
         layers = enc.layers(tokens)
