@@ -1,0 +1,153 @@
+"""Benchmark one TopoLoRA-SAM training step against the same SAM fully fine-tuned: time and peak memory.
+
+    python bench/seg_train.py                                  # vit_b at 256 x 256, batch 1 (CPU default)
+    python bench/seg_train.py --variant vit_b --image-size 1024 --steps 5
+    python bench/seg_train.py --quick                          # tiny custom SAM, smoke run
+
+Both modes build the same prompt-free SAM (mm.models.sam, random weights: speed and memory do not
+depend on their values) at the same input size and train it with the same loss (BCE + soft Dice +
+0.5 soft clDice) and AdamW, in one plain PyTorch process (no DeepSpeed, no data loader: one fixed
+synthetic batch), so the difference is the model's trainable set alone:
+
+- topolora: LoRA (r 8, alpha 16, encoder MLPs) + spatial adapter + mask decoder train (METHODS.md 4);
+- full: no LoRA, no adapter, every parameter of SAM trains (image encoder, prompt encoder, decoder).
+
+Each mode runs in a fresh subprocess. Time: the median and the best of the timed steps (forward,
+backward, gradient clipping, optimizer step) after one warm-up step, which also allocates the AdamW
+states; on a shared CPU the best step is the steadier figure. Memory: the peak
+resident set of the process over the warm-up and timed steps (VmHWM, reset through
+/proc/self/clear_refs once the model is built), reported as the peak and as its growth over the
+resident set with the model built (gradients, AdamW states, activations). glibc's mmap threshold is
+pinned so freed tensors leave the resident set at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("topolora", "full")
+QUICK = {"variant": "custom", "image_size": 64, "steps": 2}
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def build(mode: str, variant: str, image_size: int):
+    from mm.models.sam import SamModelConfig, build_topolora_sam
+
+    sizes = {}
+    if variant == "custom":  # the tiny SAM of the tests
+        sizes = {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
+                 "encoder_global_attn_indexes": [1]}
+    if mode == "topolora":
+        cfg = SamModelConfig(variant=variant, image_size=image_size, **sizes)
+        return build_topolora_sam(cfg, load_checkpoint=False)
+    cfg = SamModelConfig(variant=variant, image_size=image_size, lora_r=0, adapter=False, **sizes)
+    model = build_topolora_sam(cfg, load_checkpoint=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def worker(mode: str, variant: str, image_size: int, batch: int, steps: int) -> dict:
+    import torch
+
+    from mm.losses.segmentation import SegLoss
+
+    torch.manual_seed(0)
+    model = build(mode, variant, image_size).train()
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  weight_decay=1e-4)
+    loss_fn = SegLoss()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    masks = (torch.rand(batch, 1, image_size, image_size, generator=g) > 0.9).float()
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), masks)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        return time.perf_counter() - start
+
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS mark := the RSS with the model built
+    rss0 = _status_kib("VmRSS")
+    first = step()
+    times = [step() for _ in range(steps)]
+    peak = _status_kib("VmHWM")
+    return {"mode": mode, "params": params, "trainable": trainable, "first_s": first,
+            "step_s": statistics.median(times), "best_s": min(times), "steps_s": times, "rss_model_mib": rss0 / 1024,
+            "peak_mib": peak / 1024, "growth_mib": (peak - rss0) / 1024,
+            # What the optimizer side needs by construction: fp32 gradients + two AdamW moments.
+            "grad_adam_mib": trainable * 4 * 3 / 2**20, "threads": torch.get_num_threads()}
+
+
+def run_one(mode: str, variant: str, image_size: int, batch: int, steps: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    cmd = [sys.executable, __file__, "--worker", json.dumps([mode, variant, image_size, batch, steps])]
+    out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"mode": mode, "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variant", default="vit_b", help="vit_b | vit_l | vit_h | custom (the tiny test SAM)")
+    ap.add_argument("--image-size", type=int, default=256, help="input side, a multiple of 16 (SAM: 1024)")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step (default 3)")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--quick", action="store_true", help="tiny custom SAM at 64 px, 2 timed steps")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return
+    if args.quick:
+        args.variant, args.image_size = QUICK["variant"], QUICK["image_size"]
+        args.steps = args.steps or QUICK["steps"]
+    args.steps = args.steps or 3
+
+    print(f"SAM {args.variant} at {args.image_size} x {args.image_size}, batch {args.batch_size}, "
+          f"{args.steps} timed steps after 1 warm-up, fp32, CPU, one process")
+    print(f"{'mode':<10}{'trainable':>13}{'of params':>13}{'step s':>9}{'best s':>9}{'first s':>9}{'peak MiB':>10}"
+          f"{'growth MiB':>12}{'grad+Adam MiB':>15}")
+    rows = {}
+    for mode in args.modes.split(","):
+        r = run_one(mode, args.variant, args.image_size, args.batch_size, args.steps)
+        rows[mode] = r
+        if "error" in r:
+            print(f"{mode:<10}  {r['error']}")
+            continue
+        print(f"{mode:<10}{r['trainable']:>13,}{r['params']:>13,}{r['step_s']:>9.2f}{r['best_s']:>9.2f}"
+              f"{r['first_s']:>9.2f}"
+              f"{r['peak_mib']:>10.0f}{r['growth_mib']:>12.0f}{r['grad_adam_mib']:>15.0f}", flush=True)
+    lora, full = rows.get("topolora", {}), rows.get("full", {})
+    if "step_s" in lora and "step_s" in full:
+        print(f"\ntopolora / full: step time x{lora['step_s'] / full['step_s']:.2f} (median), "
+              f"x{lora['best_s'] / full['best_s']:.2f} (best), "
+              f"peak memory x{lora['peak_mib'] / full['peak_mib']:.2f}, "
+              f"memory growth over the built model x{lora['growth_mib'] / max(full['growth_mib'], 1e-9):.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
