@@ -62,6 +62,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0 = only at the end
     resume: bool = True  # resume from the newest checkpoint in out_dir when there is one
+    # A non-finite loss skips its step; this many in a row stop the run (the model has diverged).
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -82,6 +84,26 @@ class RunConfig:
 
 
 _CHOICES = {"train.precision": ("fp32", "bf16", "fp16")}
+# Inclusive bounds (None: unbounded) for the shared sections; a value outside fails at load time.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.batch_size": (1, None), "data.num_workers": (0, None), "data.shuffle_buffer": (0, None),
+    "data.image_size": (1, None), "data.max_bad_fraction": (0.0, 1.0), "data.context_length": (1, None),
+    "data.samples_per_epoch": (0, None),
+    "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.eps": (0.0, None),
+    "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0.0, 1.0),
+    "train.steps": (1, None), "train.grad_accum": (1, None), "train.grad_clip": (0.0, None),
+    "train.log_every": (1, None), "train.ckpt_every": (0, None), "train.keep_checkpoints": (1, None),
+    "train.eval_every": (0, None), "train.max_nonfinite_steps": (1, None), "eval.batch_size": (1, None),
+}
+
+
+def _check_range(key: str, value: Any, source: str) -> None:
+    if key not in _RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high = _RANGES[key]
+    if (low is not None and value < low) or (high is not None and value > high) or value != value:
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"{source}: '{key}' must be {bounds}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -144,6 +166,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         kwargs[key] = _coerce(value, hints[key], full, source)
         if full in _CHOICES and kwargs[key] not in _CHOICES[full]:
             raise ConfigError(f"{source}: '{full}' must be one of {_CHOICES[full]}, got {value!r}")
+        _check_range(full, kwargs[key], source)
     return cls(**kwargs)
 
 
@@ -178,6 +201,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML config (binary content)") from None
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -196,7 +221,11 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # Written under a temporary name and renamed, so a killed run never leaves half a config behind.
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
 
 
 def config_json(cfg: Any) -> str:

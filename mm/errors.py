@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., int | None])
@@ -22,6 +23,18 @@ class DataError(UserError):
     """Unusable data: no shards, too many corrupt samples, a label outside the class list."""
 
 
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Fail before any compute when `path` could not be written: the nearest existing folder above it
+    is a file or is not writable. Creates nothing."""
+    existing = Path(path).absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: cannot write there ({existing} is a file, not a folder)")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{option} {path}: cannot write there ({existing} is not writable)")
+
+
 def _one_line(e: Exception) -> str:
     """The user's message, also when torch's DataLoader re-raised it wrapped in a worker traceback."""
     text = str(e).strip()
@@ -34,7 +47,9 @@ def _one_line(e: Exception) -> str:
 def cli_main(fn: F) -> F:
     """Run a command's main(): a UserError prints `error: ...` on one line and exits with 2.
 
-    `--debug` anywhere in argv (or MM_DEBUG=1) re-raises so the traceback is shown.
+    An OSError that reaches the top names a file the user gave (a folder that is a file, a full disk,
+    no permission) and is reported the same way. `--debug` anywhere in argv (or MM_DEBUG=1) re-raises
+    so the traceback is shown.
     """
 
     @functools.wraps(fn)
@@ -46,6 +61,11 @@ def cli_main(fn: F) -> F:
             if debug:
                 raise
             print(f"error: {_one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            if debug or e.filename is None:
+                raise
+            print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -43,10 +43,28 @@ Collate = Callable[[list[dict]], dict]
 
 def expand_sources(urls: str) -> list[list[str]]:
     """'a/{0..3}.tar::b/x.tar' -> [[a/0.tar, ..., a/3.tar], [b/x.tar]] (brace patterns, pipe:, http)."""
-    sources = [wds.shardlists.expand_urls(part) for part in urls.split("::") if part.strip()]
+    try:
+        sources = [wds.shardlists.expand_urls(part) for part in urls.split("::") if part.strip()]
+    except ValueError as e:  # a malformed brace pattern
+        raise DataError(f"{urls!r}: not a shard pattern ({e})") from None
     if not sources or not all(sources):
         raise DataError(f"no shards in {urls!r}")
     return sources
+
+
+def check_local_shards(urls: str, key: str = "data.train") -> None:
+    """Fail before any compute when a local shard is missing or is not a file (a run would otherwise
+    count every sample of it as unreadable). Remote shards (pipe:, http:, s3:) are not checked."""
+    from pathlib import Path
+
+    for url in (u for src in expand_sources(urls) for u in src):
+        if ":" in url.split("/", 1)[0] and not url.startswith("file:"):
+            continue
+        path = Path(url.removeprefix("file:"))
+        if not path.exists():
+            raise DataError(f"{key}: no such shard {path}")
+        if not path.is_file():
+            raise DataError(f"{key}: {path} is not a shard file (a .tar)")
 
 
 @dataclasses.dataclass
@@ -106,7 +124,16 @@ class _Stream(IterableDataset):
 
     def _samples(self, urls: list[str], bad: Counter) -> Iterator[dict]:
         def count_and_continue(exn: Exception) -> bool:
-            bad["unreadable_tar"] += 1
+            # A shard cut short loses the rest of its members (its half-read sample included); an empty
+            # file or one that is no tar at all gives nothing.
+            text = str(exn).lower()
+            if "empty file" in text:
+                kind = "zero_byte_shard"
+            elif any(t in text for t in ("unexpected end", "truncated", "empty header")):
+                kind = "truncated_tar"
+            else:
+                kind = "unreadable_tar"
+            bad[kind] += 1
             bad["total"] += 1
             return True
 
@@ -138,8 +165,9 @@ class _Stream(IterableDataset):
         epoch, skip = self.start.get(worker, (0, 0))
         bad = Counter(self.initial_bad.get(worker, {}))
         batch: list[dict] = []
+        good = 0  # samples of this worker's current epoch that decoded
         while True:
-            consumed = 0
+            consumed, good, bad_at_start, full_epoch = 0, 0, bad["total"], skip == 0
             stream = self._shuffled(self._samples(self._shards(epoch, worker, n_workers), bad),
                                     _rng(spec.seed, epoch, worker, 2))
             for raw in stream:
@@ -152,6 +180,7 @@ class _Stream(IterableDataset):
                 torch.default_generator.manual_seed(sample_rng.getrandbits(63))
                 try:
                     batch.append(spec.sample_map(raw, sample_rng))
+                    good += 1
                 except SampleError as e:
                     bad[e.kind] += 1
                     bad["total"] += 1
@@ -168,8 +197,14 @@ class _Stream(IterableDataset):
                     out["__pos__"] = (worker, epoch, consumed, dict(bad))
                     yield out
                 return
-            if consumed == 0:
+            if consumed == 0 and bad["total"] == bad_at_start:
                 raise DataError(f"worker {worker} read no samples from its shards of {spec.urls!r}")
+            if full_epoch and good == 0:
+                # A worker whose every sample is bad never yields a batch: without this the main process
+                # would wait on it for ever instead of reaching its data.max_bad_fraction check.
+                kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()) if k != "total")
+                raise DataError(f"none of the samples of worker {worker}'s shards of {spec.urls!r} is usable "
+                                f"({kinds})")
             epoch += 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mm.config import config_json, save_config
+from mm.data.loader import check_local_shards
 from mm.engine import checkpoint
 from mm.engine.ds_config import build_ds_config
 from mm.engine.logger import MetricsLogger
@@ -94,6 +96,33 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
+def _model_config(cfg: Any) -> str:
+    """The model section as JSON: a checkpoint of another architecture is refused by name, not by a
+    tensor-shape error deep inside DeepSpeed."""
+    import dataclasses
+
+    model = getattr(cfg, "model", None)
+    return json.dumps(dataclasses.asdict(model), sort_keys=True) if dataclasses.is_dataclass(model) else ""
+
+
+def _nonfinite_flags(losses: dict[str, torch.Tensor], device: torch.device) -> list[str]:
+    """Names of the losses that are NaN or inf on ANY rank. Every rank calls this before backward and
+    gets the same answer, so all skip the step together (one rank skipping alone would hang the others
+    in the gradient all-reduce)."""
+    names = sorted(losses)
+    flags = torch.stack([(~torch.isfinite(losses[k].detach().float())).any().float() for k in names]).to(device)
+    dist.all_reduce(flags)
+    return [k for k, f in zip(names, flags.tolist()) if f > 0]
+
+
+def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for rank_counts in _gather_object(counts):
+        for k, v in rank_counts.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
+
+
 def train(task: Task, cfg: Any) -> dict[str, Any]:
     """Train `task` with `cfg` to cfg.train.steps optimizer steps, resuming from out_dir if possible.
 
@@ -107,22 +136,31 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     tc = cfg.train
     out_dir = Path(tc.out_dir)
-    if rank == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out_dir / "config.yaml")
-        except OSError as e:
-            raise UserError(f"train.out_dir: cannot write to {out_dir} ({e.strerror})") from None
-    dist.barrier()
+    # Inputs are checked before anything is written, so a bad command leaves no partial run directory.
+    train_urls = getattr(cfg.data, "train", "")
+    if getattr(task, "reads_train_shards", True) and isinstance(train_urls, str) and train_urls.strip():
+        check_local_shards(train_urls, "data.train")
+    on_gpu = get_accelerator().device_name() != "cpu"
+    ds_config = build_ds_config(tc.deepspeed_config, cfg.data.batch_size, tc.grad_accum, tc.grad_clip,
+                                tc.precision, world, on_gpu)
 
     # Same seed on every rank: the model must start identical everywhere (ZeRO-3 partitions it as built).
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = task.build_model(cfg)
-    on_gpu = get_accelerator().device_name() != "cpu"
-    ds_config = build_ds_config(tc.deepspeed_config, cfg.data.batch_size, tc.grad_accum, tc.grad_clip,
-                                tc.precision, world, on_gpu)
+
+    problem = ""
+    if rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.yaml")
+        except OSError as e:
+            problem = f"train.out_dir: cannot write to {out_dir} ({e.strerror})"
+    # Every rank raises together instead of the others waiting on rank 0 for ever.
+    problem = _gather_object(problem)[0]
+    if problem:
+        raise UserError(problem)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -130,8 +168,10 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
 
-    client = checkpoint.resume(engine, out_dir, task.name, world) if tc.resume else None
+    model_config = _model_config(cfg)
+    client = checkpoint.resume(engine, out_dir, task.name, world, model_config) if tc.resume else None
     step = int(client["step"]) if client else 0
+    skipped = int(client.get("skipped_steps", 0)) if client else 0
     data_state = client["data"][rank] if client else None
     if client:
         _set_rng_state(client["rng"][rank])
@@ -151,51 +191,74 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                         mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
     def save_checkpoint() -> str:
-        state = {"step": step, "data": _gather_object(loader.state_dict()), "rng": _gather_object(_rng_state())}
-        return checkpoint.save(engine, out_dir, step, state, tc.keep_checkpoints, task.name, world)
+        state = {"step": step, "data": _gather_object(loader.state_dict()), "rng": _gather_object(_rng_state()),
+                 "skipped_steps": skipped}
+        return checkpoint.save(engine, out_dir, step, state, tc.keep_checkpoints, task.name, world, model_config)
 
     sums: dict[str, float] = {}
-    n_micro, t0, last_logged, last_tag = 0, time.time(), {}, None
-    if step < tc.steps:
-        engine.train()
-        for batch in loader:
-            losses = task.losses(engine, _to_device(batch, engine.device, compute_dtype))
-            engine.backward(losses["loss"])
-            engine.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach().float())
-            n_micro += 1
-            if engine.global_steps == step:  # still accumulating gradients
-                continue
-            step = engine.global_steps
-            if progress:
-                progress.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                values = _mean_over_ranks({k: v / n_micro for k, v in sums.items()})
-                elapsed = time.time() - t0
-                values["lr"] = scheduler.get_last_lr()[0]
-                values["samples_per_s"] = n_micro * cfg.data.batch_size * world / max(elapsed, 1e-9)
-                bad = _mean_over_ranks({"bad": float(loader.bad_counts.get("total", 0))})["bad"] * world
-                values["bad_samples"] = bad
-                if cfg.data.samples_per_epoch:
-                    global_batch = cfg.data.batch_size * tc.grad_accum * world
-                    values["epoch"] = step * global_batch / cfg.data.samples_per_epoch
-                logger.log(step, values)
+    n_micro, t0, last_logged, last_tag, consecutive = 0, time.time(), {}, None, 0
+    try:
+        if step < tc.steps:
+            engine.train()
+            for batch in loader:
+                losses = task.losses(engine, _to_device(batch, engine.device, compute_dtype))
+                bad_losses = _nonfinite_flags(losses, engine.device)
+                if bad_losses:
+                    # No backward, no optimizer step: the batch is dropped and the run goes on. (With fp16,
+                    # DeepSpeed's loss scaler separately skips steps whose gradients overflow.)
+                    del losses
+                    skipped += 1
+                    consecutive += 1
+                    if rank == 0:
+                        print(f"warning: step {step + 1}: non-finite {', '.join(bad_losses)}; step skipped "
+                              f"({consecutive} in a row, {skipped} in all)", file=sys.stderr, flush=True)
+                    logger.log(step + 1, {"skipped_steps": skipped, "nonfinite_losses": bad_losses})
+                    if consecutive >= tc.max_nonfinite_steps:
+                        raise UserError(
+                            f"step {step + 1}: non-finite {', '.join(bad_losses)} in {consecutive} consecutive "
+                            f"steps (train.max_nonfinite_steps={tc.max_nonfinite_steps}); the run has diverged: "
+                            f"lower optim.lr or check the data, then resume from the last checkpoint")
+                    continue
+                consecutive = 0
+                engine.backward(losses["loss"])
+                engine.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().float())
+                n_micro += 1
+                if engine.global_steps == step:  # still accumulating gradients
+                    continue
+                step = engine.global_steps
                 if progress:
-                    progress.set_postfix(loss=f"{values['loss']:.4f}")
-                last_logged, sums, n_micro, t0 = values, {}, 0, time.time()
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                logger.log(step, task.evaluate(engine.module, cfg))
-                engine.train()
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
-                last_tag = save_checkpoint()
-            if step >= tc.steps:
-                break
-        last_tag = save_checkpoint()
-    else:
-        last_tag = checkpoint.latest_tag(out_dir)
-    if progress:
-        progress.close()
+                    progress.update(1)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    values = _mean_over_ranks({k: v / n_micro for k, v in sums.items()})
+                    elapsed = time.time() - t0
+                    values["lr"] = scheduler.get_last_lr()[0]
+                    values["samples_per_s"] = n_micro * cfg.data.batch_size * world / max(elapsed, 1e-9)
+                    bad = _mean_over_ranks({"bad": float(loader.bad_counts.get("total", 0))})["bad"] * world
+                    values["bad_samples"] = bad
+                    values["skipped_steps"] = skipped
+                    if cfg.data.samples_per_epoch:
+                        global_batch = cfg.data.batch_size * tc.grad_accum * world
+                        values["epoch"] = step * global_batch / cfg.data.samples_per_epoch
+                    logger.log(step, values)
+                    if progress:
+                        progress.set_postfix(loss=f"{values['loss']:.4f}")
+                    last_logged, sums, n_micro, t0 = values, {}, 0, time.time()
+                if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                    logger.log(step, task.evaluate(engine.module, cfg))
+                    engine.train()
+                if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+                    last_tag = save_checkpoint()
+                if step >= tc.steps:
+                    break
+            last_tag = save_checkpoint()
+        else:
+            last_tag = checkpoint.latest_tag(out_dir)
+    finally:
+        # Ends the bar's line, so an error message that follows starts a line of its own.
+        if progress:
+            progress.close()
 
     export_path = out_dir / "export" / "model.safetensors"
     # Under ZeRO 1/2 every rank holds whole parameters: the frozen ones the checkpoint may lack come from here.
@@ -214,7 +277,14 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     evaluation = task.evaluate(engine.module, cfg)
     if evaluation:
         logger.log(step, evaluation)
+    # Summed over ranks: each rank reads its own shards.
+    bad_counts = _sum_counts(loader.bad_counts)
+    if rank == 0:
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad_counts.items()) if k != "total")
+        print(f"{task.name}: {bad_counts.get('total', 0)} bad samples skipped{f' ({kinds})' if kinds else ''}, "
+              f"{skipped} non-finite steps skipped", file=sys.stderr, flush=True)
+        logger.log(step, {"bad_samples_total": bad_counts.get("total", 0), "skipped_steps": skipped,
+                          **{f"bad/{k}": v for k, v in bad_counts.items() if k != "total"}})
     logger.close()
-    bad_counts = loader.bad_counts
     return {"step": step, "last": last_logged, "eval": evaluation, "export": str(export_path),
-            "bad_counts": bad_counts, "engine": engine}
+            "bad_counts": bad_counts, "skipped_steps": skipped, "engine": engine}

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from mm.errors import UserError, cli_main
+from mm.errors import UserError, check_output_file, cli_main
 from mm.evaluate.models import add_model_arguments
 
 
@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--ks: {args.ks!r} is not a comma-separated list of integers") from None
     if not ks or min(ks) < 1:
         raise UserError(f"--ks: {args.ks!r}: every k must be >= 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output:
+        check_output_file(args.output, "--output")
     loaded = load_eval_model(args)
+    from mm.data.loader import check_local_shards
+
+    check_local_shards(args.data, "--data")
     model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
     loader = retrieval_batches(preprocess, args.data, args.batch_size, args.workers)
     batches = tqdm(loader, desc="retrieval", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty(),

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mm.errors import UserError, cli_main
+from mm.errors import UserError, check_output_file, cli_main
 from mm.evaluate.models import add_model_arguments
 
 
@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     kind = dataset_kind(args.data)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for option, path in (("--output", args.output), ("--confusion", args.confusion)):
+        if path:
+            check_output_file(path, option)
     if args.classnames is None and kind != "folder":
         args.classnames = "shapes"
     classnames = load_classnames(args.classnames) if args.classnames is not None else None
@@ -127,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         args.templates = args.classnames if args.classnames in BUILTIN_TEMPLATES else "shapes"
     templates = load_templates(args.templates)
     loaded = load_eval_model(args)
+    if kind == "shards":
+        from mm.data.loader import check_local_shards
+
+        check_local_shards(args.data, "--data")
     model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
     if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
         raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")

@@ -109,6 +109,7 @@ class CachedFeatureBatches:
 class StructureTask(Task):
     name = "structure"
     config_class = StructureRunConfig
+    reads_train_shards = False  # trains on the feature cache; data.train is read by `mm-structure cache`
 
     def __init__(self) -> None:
         # losses() receives only the engine and a batch: the loss settings are taken from the config
