@@ -186,3 +186,18 @@ def test_real_sentence_transformer_minilm():
     assert sim[0, 1] > 0.6
     assert sim[0, 1] > sim[0, 2] + 0.3
     assert abs(sim[0, 3]) < 0.15
+
+
+def test_dinov2_checkpoint_loads_at_another_image_size(tmp_path):
+    """A DINOv2 checkpoint (518 px position grid) read at 224 px: timm resamples the position embedding."""
+    import timm
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, depth=1)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "dinov2.safetensors"))
+    cfg = EncoderConfig(kind="timm", name="vit_small_patch14_dinov2", path=str(tmp_path / "dinov2.safetensors"),
+                        args={"img_size": 224, "depth": 1}, image_size=224)
+    enc = build_encoder(cfg, "vision")
+    assert enc.model.pos_embed.shape[1] == 1 + 16 * 16 and ref.pos_embed.shape[1] == 1 + 37 * 37
+    assert torch.equal(enc.model.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    assert vision_preprocess(cfg).transforms[-1].mean.tolist() == pytest.approx([0.485, 0.456, 0.406])

@@ -129,7 +129,9 @@ def build_feature_cache(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls
             images = batch["image"][idx].to(device)
             tokens = batch["text"][idx].to(device)
             buf_v.append([f.float().cpu().to(DTYPES[dtype]) for f in vision.layers(images)])
-            buf_t.append([f.float().cpu().to(DTYPES[dtype]) for f in text.layers(tokens)])
+            # Captions repeat (templated or multi-image data): each distinct one is encoded once per batch.
+            unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+            buf_t.append([f[inverse].float().cpu().to(DTYPES[dtype]) for f in text.layers(unique)])
             keys.extend(batch["key"][i] for i in keep)
             buffered += len(keep)
             if bar:

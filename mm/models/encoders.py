@@ -103,19 +103,17 @@ def _freeze(module: nn.Module) -> None:
 def _timm_model(cfg: EncoderConfig, load_weights: bool) -> nn.Module:
     import timm
 
-    try:
-        model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **cfg.args)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"model.vision: timm cannot build {cfg.name!r} ({str(e).splitlines()[0]})") from None
+    kwargs = dict(cfg.args)
     if load_weights and cfg.path:
-        from timm.models import load_checkpoint
-
-        # strict=False: the checkpoint's classifier head is dropped (num_classes=0) on purpose.
-        missing, _ = load_checkpoint(model, cfg.path, strict=False)
-        if missing:
-            raise UserError(f"model.vision.path: {cfg.path} lacks {len(missing)} weights of {cfg.name} "
-                            f"(e.g. {missing[0]})")
-    return model
+        # timm's own pretrained path with the file as the source: it adapts the checkpoint to the model
+        # (position embeddings resampled to args.img_size, classifier dropped for num_classes=0).
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": cfg.path, "source": "timm"})
+    try:
+        return timm.create_model(cfg.name, num_classes=0, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as e:
+        where = f"{cfg.path} into " if kwargs.get("pretrained") else ""
+        raise UserError(f"model.vision: timm cannot load {where}{cfg.name!r} ({str(e).splitlines()[0][:300]})") \
+            from None
 
 
 class TimmVision(LayerEncoder):
