@@ -106,6 +106,18 @@ def run_one(mode: str, variant: str, image_size: int, batch: int, steps: int) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _pool(a: dict, b: dict) -> dict:
+    """Two runs of one mode: all timed steps together, the higher peaks."""
+    if "error" in a:
+        return a
+    times = a["steps_s"] + b["steps_s"]
+    out = dict(a, steps_s=times, step_s=statistics.median(times), best_s=min(times),
+               first_s=min(a["first_s"], b["first_s"]))
+    for key in ("peak_mib", "growth_mib", "rss_model_mib"):
+        out[key] = max(a[key], b[key])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", default="vit_b", help="vit_b | vit_l | vit_h | custom (the tiny test SAM)")
@@ -113,6 +125,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step (default 3)")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the modes this many times, alternating, and pool their timed steps (a shared "
+                         "machine's load then weighs on both alike)")
     ap.add_argument("--quick", action="store_true", help="tiny custom SAM at 64 px, 2 timed steps")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -126,13 +141,15 @@ def main() -> None:
     args.steps = args.steps or 3
 
     print(f"SAM {args.variant} at {args.image_size} x {args.image_size}, batch {args.batch_size}, "
-          f"{args.steps} timed steps after 1 warm-up, fp32, CPU, one process")
+          f"{args.steps} timed steps after 1 warm-up, {args.rounds} round(s), fp32, CPU, one process")
     print(f"{'mode':<10}{'trainable':>13}{'of params':>13}{'step s':>9}{'best s':>9}{'first s':>9}{'peak MiB':>10}"
           f"{'growth MiB':>12}{'grad+Adam MiB':>15}")
-    rows = {}
-    for mode in args.modes.split(","):
-        r = run_one(mode, args.variant, args.image_size, args.batch_size, args.steps)
-        rows[mode] = r
+    rows: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for mode in args.modes.split(","):
+            r = run_one(mode, args.variant, args.image_size, args.batch_size, args.steps)
+            rows[mode] = r if mode not in rows or "error" in r else _pool(rows[mode], r)
+    for mode, r in rows.items():
         if "error" in r:
             print(f"{mode:<10}  {r['error']}")
             continue

@@ -13,7 +13,7 @@ from mm.config import load_config
 from mm.data.loader import Loader, StreamSpec, default_collate
 from mm.data.shards import png_bytes, write_samples
 from mm.tasks import get_task
-from mm.tasks.topolora_sam import SegDataConfig, augment, seg_sample_map
+from mm.tasks.topolora_sam import SegDataConfig, augment, export_kind, seg_sample_map
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.encoder_embed_dim=32", "model.encoder_depth=2", "model.encoder_num_heads=2",
@@ -103,6 +103,8 @@ def test_configs_load(shapes):
     assert drive.model.variant == "vit_b" and drive.model.image_size == 1024 and drive.train.grad_accum == 4
     tiny = load_config(ROOT / "configs/topolora_sam/tiny.yaml", [], task.config_class)
     assert tiny.model.variant == "custom"
+    # The paper config exports only what trains (it has a base checkpoint); the random tiny SAM all of it.
+    assert export_kind(drive) == "trainable" and export_kind(tiny) == "full"
 
 
 @pytest.fixture(scope="module")
