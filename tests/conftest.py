@@ -35,3 +35,19 @@ def torchrun():
         return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def pytest_configure(config):
+    # GPU-marked tests run on a CUDA machine (bench/gpu_check.sh runs `pytest -m gpu`); elsewhere they skip.
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; run with `pytest -m gpu` on a GPU machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One prepared GPU check (under 8 minutes on one H200): the GPU-marked tests, 50 training steps of each
+# trainer at a realistic size on synthetic data with random weights (FILIP ViT-B/16 batch 128 bf16 ZeRO-2;
+# TopoLoRA-SAM vit_b at 1024; STRUCTURE heads at batch 4096; Structure-CLIP ViT-B/32), the FILIP loss
+# against the naive dense one and the segmentation-inference benchmark, all into ONE JSON file.
+#
+#   bash bench/gpu_check.sh [OUT.json]          # default gpu_check.json
+#   bash bench/gpu_check.sh --dry-run           # any machine: resolve and check every config
+#
+# Nothing is downloaded. Fails at once, in one line, without a CUDA device.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/setup.sh >/dev/null
+if [[ "${1:-}" == "--dry-run" ]]; then
+    exec python bench/gpu_check.py --dry-run
+fi
+export DS_ACCELERATOR=cuda  # setup.sh pins the CPU accelerator for the test machines
+if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: bench/gpu_check.sh needs a CUDA device (torch.cuda.is_available() is False); try --dry-run" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 470 python bench/gpu_check.py --out "${1:-gpu_check.json}"
