@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from mm.losses.structure_clip import structure_clip_loss
 
 
-def reference(v, t, n, has, scale, base, margin=0.2, weight=5.0, neg_margin=0.1):
-    v, t, n = (x / x.norm(dim=-1, keepdim=True) for x in (v, t, n))
+def reference(v, t, n, has, scale, base, margin=0.2, weight=5.0, neg_margin=0.1, p=None):
+    """p: the positive features the hard-negative hinge compares with n (default t)."""
+    p = t if p is None else p
+    v, t, n, p = (x / x.norm(dim=-1, keepdim=True) for x in (v, t, n, p))
     b = v.shape[0]
     s = v @ t.T
     if base == "infonce":
@@ -28,7 +30,7 @@ def reference(v, t, n, has, scale, base, margin=0.2, weight=5.0, neg_margin=0.1)
             worst_image = max(max(0.0 * s[i, i], margin + s[j, i] - s[i, i]) for j in range(b) if j != i)
             terms.append(worst_text + worst_image)
         base_loss = torch.stack(terms).mean()
-    hinges = [torch.relu(neg_margin - (v[i] @ t[i] - v[i] @ n[i])) for i in range(b) if has[i]]
+    hinges = [torch.relu(neg_margin - (v[i] @ p[i] - v[i] @ n[i])) for i in range(b) if has[i]]
     neg = torch.stack(hinges).mean() if hinges else torch.zeros(())
     return base_loss + weight * neg, base_loss, neg
 
@@ -78,6 +80,28 @@ def test_no_negatives_gives_zero_term(base):
     assert torch.equal(out["loss"], out["base"])
     ref, _, _ = reference(v, t, n, has, torch.tensor(10.0), base)
     assert torch.allclose(out["loss"], ref, atol=1e-5)
+
+
+def test_hinge_on_other_text_features():
+    """Structure-CLIP: the base loss scores the KEE-fused text, the hinge the plain tower's (hinge_text);
+    the hinge's gradient reaches hinge_text and neg_text, never the fused text."""
+    v, t, n, has = inputs()
+    g = torch.Generator().manual_seed(5)
+    p = n + 0.02 * torch.randn(n.shape, generator=g)  # close to the negatives: the hinge is active
+    scale = torch.tensor(10.0)
+    leaves = [x.clone().requires_grad_() for x in (v, t, n, p)]
+    out = structure_clip_loss(*leaves[:3], has, scale, hinge_text=leaves[3])
+    out["loss"].backward()
+    ref_leaves = [x.clone().requires_grad_() for x in (v, t, n, p)]
+    ref, _, ref_neg = reference(*ref_leaves[:3], has, scale, "infonce", p=ref_leaves[3])
+    ref.backward()
+    assert torch.allclose(out["loss"], ref, atol=1e-5) and torch.allclose(out["neg_hinge"], ref_neg, atol=1e-6)
+    assert out["neg_hinge"] > 0
+    for a, b in zip(leaves, ref_leaves):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    only_base = [x.clone().requires_grad_() for x in (v, t)]
+    structure_clip_loss(*only_base, n, has, scale, neg_weight=0.0, hinge_text=p)["loss"].backward()
+    assert torch.allclose(leaves[1].grad, only_base[1].grad, atol=1e-6)  # t gets the base loss only
 
 
 def test_unknown_base():

@@ -4,7 +4,9 @@ and relation / attribute swaps on the synthetic shapes world) of an exported mod
 Each item is an image, its true caption and a false (perturbed) caption. The model scores both with
 the cosine of encode_image and encode_text; an item is correct when the true caption scores strictly
 higher (a tie is wrong). Any model with encode_image / encode_text works (CLIP, FILIP pooled,
-Structure-CLIP, whose encode_text is the plain text tower).
+Structure-CLIP, whose encode_text is the plain text tower). `--kee` scores a Structure-CLIP model's
+captions with its Knowledge-Enhanced Encoder instead, each caption fused with the triples of its own
+scene graph (parsed from the caption), as the authors' code evaluates VG-Relation / VG-Attribution.
 
 * SugarCrepe: json {id: {"filename", "caption", "negative_caption"}}, one file per perturbation type
   (the file stem, e.g. swap_att.json -> swap_att); accuracy per type.
@@ -73,8 +75,15 @@ def _load_image(item: Item, preprocess: Callable) -> torch.Tensor:
 
 @torch.no_grad()
 def score_items(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, items: Sequence[Item],
-                batch_size: int = 64, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(N, 2) cosine similarities: column 0 the true caption's, column 1 the false caption's."""
+                batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False) -> torch.Tensor:
+    """(N, 2) cosine similarities: column 0 the true caption's, column 1 the false caption's.
+
+    kee: captions through the model's encode_captions (Structure-CLIP's KEE) instead of encode_text."""
+    def encode(captions: list[str]) -> torch.Tensor:
+        if kee:
+            return model.encode_captions(captions, tokenizer)
+        return model.encode_text(tokenizer(captions).to(device))
+
     was_training = model.training
     model.eval()
     try:
@@ -86,8 +95,8 @@ def score_items(model: torch.nn.Module, tokenizer: Callable, preprocess: Callabl
             if image.is_floating_point():
                 image = image.to(dtype)
             v = F.normalize(model.encode_image(image).float(), dim=-1)
-            t = F.normalize(model.encode_text(tokenizer([it.true_caption for it in chunk]).to(device)).float(), dim=-1)
-            f = F.normalize(model.encode_text(tokenizer([it.false_caption for it in chunk]).to(device)).float(), dim=-1)
+            t = F.normalize(encode([it.true_caption for it in chunk]).float(), dim=-1)
+            f = F.normalize(encode([it.false_caption for it in chunk]).float(), dim=-1)
             scores.append(torch.stack([(v * t).sum(-1), (v * f).sum(-1)], 1).cpu())
         return torch.cat(scores) if scores else torch.zeros(0, 2)
     finally:
@@ -225,12 +234,16 @@ def _swappable_relations(graph) -> list:
 def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, *,
              sugarcrepe: Iterable[str] = (), aro_relation: str | None = None, aro_attribute: str | None = None,
              images: str | None = None, synthetic_shapes: str | None = None, min_pair_items: int = 25,
-             batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, Any]:
+             batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False) -> dict[str, Any]:
     """Metrics per benchmark: sugarcrepe {type: {acc, n}}; vg_relation {acc (macro over relations),
     micro_acc, n, n_groups, per_relation}; vg_attribution {acc (mean over pairs with >= min_pair_items),
-    micro_acc, n, n_groups, per_pair}; shapes_relation / shapes_attribute {acc, n, per_predicate}."""
+    micro_acc, n, n_groups, per_pair}; shapes_relation / shapes_attribute {acc, n, per_predicate}.
+    kee: score captions with the model's encode_captions (Structure-CLIP's KEE)."""
+    if kee and not hasattr(model, "encode_captions"):
+        raise UserError("--kee needs a Structure-CLIP model (one with the Knowledge-Enhanced Encoder)")
+
     def run(items: list[Item]) -> torch.Tensor:
-        return correct(score_items(model, tokenizer, preprocess, items, batch_size, device))
+        return correct(score_items(model, tokenizer, preprocess, items, batch_size, device, kee))
 
     results: dict[str, Any] = {}
     for path in sugarcrepe:
@@ -304,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder that relative image paths / file names are taken from")
     p.add_argument("--synthetic-shapes", metavar="SHARDS",
                    help="shapes-world shards: relation-swap and attribute-swap items from their scene graphs")
+    p.add_argument("--kee", action="store_true",
+                   help="Structure-CLIP: score each caption with the Knowledge-Enhanced Encoder and the triples of "
+                        "its own scene graph (parsed from the caption) instead of the plain text tower")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -326,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                        sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
                        aro_attribute=args.aro_attribute, images=args.images,
                        synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, kee=args.kee)
     record = {"checkpoint": loaded.source, "model_task": loaded.task,
               "model": loaded.name, "task": "compositional",
-              "scoring": "cosine(encode_image, encode_text); correct = true caption strictly higher",
+              "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee else "cosine(encode_image, encode_text)")
+              + "; correct = true caption strictly higher",
               "results": results}
     text = json.dumps(record)
     if args.output:

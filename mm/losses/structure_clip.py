@@ -1,7 +1,11 @@
 """Structure-CLIP's loss: a contrastive base over the global batch plus a hinge on scene-graph hard
 negatives.
 
-    L = base + neg_weight * mean_{i with a negative} relu(neg_margin - (cos(v_i, t_i) - cos(v_i, n_i)))
+    L = base(v, t) + neg_weight * mean_{i with a negative} relu(neg_margin - (cos(v_i, p_i) - cos(v_i, n_i)))
+
+t is the text embedding the base loss scores (Structure-CLIP: fused with the KEE), p and n the
+embeddings the hinge compares (Structure-CLIP: the plain text tower's, of the caption and of its
+negative; p defaults to t).
 
 base is CLIP's InfoNCE (mm.losses.contrastive.clip_loss; the default) or the released code's hinge
 with the in-batch hardest negative (VSE++ "max violation", margin 0.2): for each local sample i,
@@ -41,9 +45,11 @@ def hardest_negative_hinge(image: torch.Tensor, text: torch.Tensor, margin: floa
 def structure_clip_loss(image: torch.Tensor, text: torch.Tensor, neg_text: torch.Tensor,
                         has_neg: torch.Tensor, logit_scale: torch.Tensor, base: str = "infonce",
                         margin: float = 0.2, neg_weight: float = 5.0,
-                        neg_margin: float = 0.1) -> dict[str, torch.Tensor]:
+                        neg_margin: float = 0.1, hinge_text: torch.Tensor | None = None
+                        ) -> dict[str, torch.Tensor]:
     """image, text, neg_text: (B, D) local features (L2-normalised here, in fp32); neg_text rows where
     has_neg (B,) is False are ignored (any placeholder, e.g. the positive caption's features).
+    hinge_text: (B, D) the positive captions' features the hinge compares with neg_text (default text).
 
     The negative term is averaged over the samples with a negative in the global batch: each rank
     divides its sum by the global count over the world size, so averaging gradients over ranks (as
@@ -53,7 +59,8 @@ def structure_clip_loss(image: torch.Tensor, text: torch.Tensor, neg_text: torch
     """
     if base not in BASES:
         raise ValueError(f"structure_clip_loss: base must be one of {BASES}, got {base!r}")
-    image, text, neg_text = (F.normalize(x.float(), dim=-1) for x in (image, text, neg_text))
+    hinge_text = text if hinge_text is None else hinge_text
+    image, text, neg_text, hinge_text = (F.normalize(x.float(), dim=-1) for x in (image, text, neg_text, hinge_text))
     logit_scale = logit_scale.float()
     if base == "infonce":
         base_loss = clip_loss(image, text, logit_scale)["loss"]
@@ -64,7 +71,7 @@ def structure_clip_loss(image: torch.Tensor, text: torch.Tensor, neg_text: torch
     counts = torch.stack([has_neg.sum(), torch.tensor(has_neg.numel(), device=image.device)]).float()
     if is_dist():
         dist.all_reduce(counts)
-    gap = (image * text).sum(-1) - (image * neg_text).sum(-1)
+    gap = (image * hinge_text).sum(-1) - (image * neg_text).sum(-1)
     per_sample = (neg_margin - gap).clamp(min=0) * has_neg.float()
     neg_hinge = per_sample.sum() * world_size() / counts[0].clamp(min=1)
     return {"loss": base_loss + neg_weight * neg_hinge, "base": base_loss.detach(),

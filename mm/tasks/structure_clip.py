@@ -5,15 +5,17 @@ Each sample's scene graph is its json `scene_graph` when present (the shapes wor
 swap, `loss.negatives`) with the sample's own seeded rng, so a resumed run sees the same negatives;
 samples without a usable negative (one object, identical attributes, a symmetric relation, or a
 negative equal to the caption) carry zeros and `has_neg` False, and the logged `neg_share` says how
-many had one. Triples of the positive graph and of the negative's own swapped graph are tokenised
-here (see mm/models/structure_clip.py for why the negative gets its own).
+many had one. The caption's triples are tokenised here for the KEE. The base loss scores the
+KEE-fused caption, the hard-negative hinge the plain text tower's caption and negative (see
+mm/models/structure_clip.py for why).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -25,7 +27,7 @@ from mm.losses.structure_clip import BASES, structure_clip_loss
 from mm.models.clip import clip_preprocess, clip_tokenizer
 from mm.models.kee import encode_triples
 from mm.models.structure_clip import StructureClipModel, StructureClipModelConfig
-from mm.scenegraph import SceneGraph, attribute_swap, hard_negative, parse_simple, relation_swap
+from mm.scenegraph import SceneGraph, hard_negative, parse_simple
 from mm.scenegraph.negatives import KINDS
 from mm.tasks.base import Task
 from mm.tasks.clip import zeroshot_metrics
@@ -73,42 +75,31 @@ def sample_graph(meta: dict, caption: str) -> SceneGraph:
     return parse_simple(caption)
 
 
-def negative_with_graph(graph: SceneGraph, caption: str, rng: random.Random,
-                        kinds: list[str]) -> tuple[str | None, SceneGraph | None]:
-    """One hard negative caption (hard_negative) and the swapped graph it renders, or (None, None).
+def sample_negative(graph: SceneGraph, caption: str, rng: random.Random, kinds: list[str]) -> str | None:
+    """One hard negative caption (hard_negative), or None.
 
     A negative equal to the sample's own caption (case/space-insensitive) is dropped too: the graph's
     rendering can differ from the caption's wording."""
     negative = hard_negative(graph, rng, kinds) if graph else None
     if negative is None or _norm(negative) == _norm(caption):
-        return None, None
-    swaps = (relation_swap(graph) if "relation" in kinds else []) + \
-        (attribute_swap(graph) if "attribute" in kinds else [])
-    neg_graph = next((g for g in swaps if g.render() == negative), None)
-    return negative, neg_graph if neg_graph is not None else parse_simple(negative)
+        return None
+    return negative
 
 
 def structure_clip_map(preprocess: Callable, tokenizer: Callable, kinds: list[str], max_triples: int = 6,
                        triple_tokens: int = 8) -> Callable[[dict, random.Random], dict[str, Any]]:
-    """Image-text sample + neg_text, has_neg, neg_caption, triples, triple_mask, neg_triples,
-    neg_triple_mask (fixed shapes: the default collate stacks them)."""
+    """Image-text sample + neg_text, has_neg, neg_caption, triples, triple_mask (fixed shapes: the
+    default collate stacks them)."""
     base = image_text_map(preprocess, tokenizer)
 
     def sample_map(raw: dict, rng: random.Random) -> dict[str, Any]:
         sample = base(raw, rng)
         graph = sample_graph(sample["meta"], sample["caption"])
-        negative, neg_graph = negative_with_graph(graph, sample["caption"], rng, kinds)
+        negative = sample_negative(graph, sample["caption"], rng, kinds)
         triples, triple_mask = encode_triples(graph.triples(max_triples), tokenizer, max_triples, triple_tokens)
-        if negative is None:
-            neg_text = torch.zeros_like(sample["text"])
-            neg_triples, neg_mask = encode_triples([], tokenizer, max_triples, triple_tokens)
-        else:
-            neg_text = tokenizer([negative])[0]
-            neg_triples, neg_mask = encode_triples(neg_graph.triples(max_triples), tokenizer, max_triples,
-                                                   triple_tokens)
+        neg_text = torch.zeros_like(sample["text"]) if negative is None else tokenizer([negative])[0]
         sample.update(neg_text=neg_text, has_neg=torch.tensor(negative is not None), neg_caption=negative or "",
-                      triples=triples, triple_mask=triple_mask, neg_triples=neg_triples,
-                      neg_triple_mask=neg_mask)
+                      triples=triples, triple_mask=triple_mask)
         return sample
 
     return sample_map
@@ -153,11 +144,11 @@ class StructureClipTask(Task):
 
     def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         # Through the model's own forward (the engine's), so ZeRO-3 gathers every parameter it uses.
-        out = model(batch["image"], batch["text"], batch["neg_text"], batch["triples"], batch["triple_mask"],
-                    batch["neg_triples"], batch["neg_triple_mask"])
+        out = model(batch["image"], batch["text"], batch["neg_text"], batch["triples"], batch["triple_mask"])
         options = getattr(_unwrap(model), "loss_options", {})
         return structure_clip_loss(out["image_features"], out["text_features"], out["neg_text_features"],
-                                   batch["has_neg"], out["logit_scale"], **options)
+                                   batch["has_neg"], out["logit_scale"], hinge_text=out["tower_text_features"],
+                                   **options)
 
     def evaluate(self, model: torch.nn.Module, cfg: StructureClipRunConfig) -> dict[str, float]:
         return zeroshot_metrics(model, cfg)

@@ -39,8 +39,7 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
         # and through the exported weights loaded into a plain model.
         loader = task.batches(cfg, "train", rank=0, world_size=1)
         batch = next(iter(loader))
-        args = [batch[k] for k in ("image", "text", "neg_text", "triples", "triple_mask", "neg_triples",
-                                   "neg_triple_mask")]
+        args = [batch[k] for k in ("image", "text", "neg_text", "triples", "triple_mask")]
         engine = res["engine"]
         engine.train()  # dropout is 0; train mode keeps torch's fused attention fast path off under ZeRO-3
         with torch.no_grad():
@@ -52,7 +51,7 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
             exported = plain(*args)
             exported_image = plain.encode_image(batch["image"])
         diff = max((trained[k] - exported[k]).abs().max().item()
-                   for k in ("image_features", "text_features", "neg_text_features"))
+                   for k in ("image_features", "text_features", "tower_text_features", "neg_text_features"))
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results[stage] = {
             "losses": [r["loss"] for r in lines if "loss" in r],
