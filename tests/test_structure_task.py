@@ -211,3 +211,17 @@ def test_end_to_end_zeroshot_cli_runs_unchanged_on_the_export(dist_results, shap
     assert record["model_task"] == "structure" and record["metrics"]["n_images"] == 24
     # The CLI's number is the training-time evaluation of the same heads.
     assert record["metrics"]["acc1"] == pytest.approx(dist_results["2"]["eval"]["zeroshot/acc1"])
+
+
+def test_cli_errors_are_one_line(workflow, capsys):
+    from mm.tasks.structure_cli import main
+
+    sets = [a for o in workflow["overrides"] for a in ("--set", o)]
+    for extra, message in ((["--set", "select.metric=cosine"], "select.metric must be one of"),
+                           (["--set", "select.nn=5"], "unknown key 'select.nn'"),
+                           (["--set", "model.vision.kind=tf"], "model.vision.kind must be one of")):
+        with pytest.raises(SystemExit) as e:
+            main(["select", "--config", str(ROOT / "configs/structure/tiny.yaml"), *sets, *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
