@@ -14,7 +14,9 @@ synthetic batch), so the difference is the model's trainable set alone:
 
 Each mode runs in a fresh subprocess. Time: the median and the best of the timed steps (forward,
 backward, gradient clipping, optimizer step) after one warm-up step, which also allocates the AdamW
-states; on a shared CPU the best step is the steadier figure. Memory: the peak
+states; and the median CPU time of the process per step (time.process_time). On a shared CPU the
+wall-clock times swing with the other jobs' load; with --threads 1 the CPU time is the steadier measure
+of the work a step does. Memory: the peak
 resident set of the process over the warm-up and timed steps (VmHWM, reset through
 /proc/self/clear_refs once the model is built), reported as the peak and as its growth over the
 resident set with the model built (gradients, AdamW states, activations). glibc's mmap threshold is
@@ -58,10 +60,13 @@ def build(mode: str, variant: str, image_size: int):
     return model
 
 
-def worker(mode: str, variant: str, image_size: int, batch: int, steps: int) -> dict:
+def worker(mode: str, variant: str, image_size: int, batch: int, steps: int, threads: int) -> dict:
     import torch
 
     from mm.losses.segmentation import SegLoss
+
+    if threads:
+        torch.set_num_threads(threads)
 
     torch.manual_seed(0)
     model = build(mode, variant, image_size).train()
@@ -74,32 +79,34 @@ def worker(mode: str, variant: str, image_size: int, batch: int, steps: int) -> 
     images = torch.randn(batch, 3, image_size, image_size, generator=g)
     masks = (torch.rand(batch, 1, image_size, image_size, generator=g) > 0.9).float()
 
-    def step() -> float:
-        start = time.perf_counter()
+    def step() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(images), masks)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS mark := the RSS with the model built
     rss0 = _status_kib("VmRSS")
-    first = step()
-    times = [step() for _ in range(steps)]
+    first = step()[0]
+    timed = [step() for _ in range(steps)]
     peak = _status_kib("VmHWM")
+    times, cpu = [t for t, _ in timed], [c for _, c in timed]
     return {"mode": mode, "params": params, "trainable": trainable, "first_s": first,
-            "step_s": statistics.median(times), "best_s": min(times), "steps_s": times, "rss_model_mib": rss0 / 1024,
+            "step_s": statistics.median(times), "best_s": min(times), "steps_s": times,
+            "cpu_s": statistics.median(cpu), "steps_cpu_s": cpu, "rss_model_mib": rss0 / 1024,
             "peak_mib": peak / 1024, "growth_mib": (peak - rss0) / 1024,
             # What the optimizer side needs by construction: fp32 gradients + two AdamW moments.
             "grad_adam_mib": trainable * 4 * 3 / 2**20, "threads": torch.get_num_threads()}
 
 
-def run_one(mode: str, variant: str, image_size: int, batch: int, steps: int) -> dict:
+def run_one(mode: str, variant: str, image_size: int, batch: int, steps: int, threads: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    cmd = [sys.executable, __file__, "--worker", json.dumps([mode, variant, image_size, batch, steps])]
+    cmd = [sys.executable, __file__, "--worker", json.dumps([mode, variant, image_size, batch, steps, threads])]
     out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"mode": mode, "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
@@ -110,9 +117,9 @@ def _pool(a: dict, b: dict) -> dict:
     """Two runs of one mode: all timed steps together, the higher peaks."""
     if "error" in a:
         return a
-    times = a["steps_s"] + b["steps_s"]
+    times, cpu = a["steps_s"] + b["steps_s"], a["steps_cpu_s"] + b["steps_cpu_s"]
     out = dict(a, steps_s=times, step_s=statistics.median(times), best_s=min(times),
-               first_s=min(a["first_s"], b["first_s"]))
+               steps_cpu_s=cpu, cpu_s=statistics.median(cpu), first_s=min(a["first_s"], b["first_s"]))
     for key in ("peak_mib", "growth_mib", "rss_model_mib"):
         out[key] = max(a[key], b[key])
     return out
@@ -128,6 +135,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the modes this many times, alternating, and pool their timed steps (a shared "
                          "machine's load then weighs on both alike)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per run (0 = torch's default); 1 makes the CPU time per step a "
+                         "measure of the work alone")
     ap.add_argument("--quick", action="store_true", help="tiny custom SAM at 64 px, 2 timed steps")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -141,25 +151,28 @@ def main() -> None:
     args.steps = args.steps or 3
 
     print(f"SAM {args.variant} at {args.image_size} x {args.image_size}, batch {args.batch_size}, "
-          f"{args.steps} timed steps after 1 warm-up, {args.rounds} round(s), fp32, CPU, one process")
-    print(f"{'mode':<10}{'trainable':>13}{'of params':>13}{'step s':>9}{'best s':>9}{'first s':>9}{'peak MiB':>10}"
+          f"{args.steps} timed steps after 1 warm-up, {args.rounds} round(s), fp32, CPU, one process, "
+          f"{args.threads or 'default'} torch thread(s)")
+    print(f"{'mode':<10}{'trainable':>13}{'of params':>13}{'step s':>9}{'best s':>9}{'cpu s':>9}{'first s':>9}"
+          f"{'peak MiB':>10}"
           f"{'growth MiB':>12}{'grad+Adam MiB':>15}")
     rows: dict[str, dict] = {}
     for _ in range(args.rounds):
         for mode in args.modes.split(","):
-            r = run_one(mode, args.variant, args.image_size, args.batch_size, args.steps)
+            r = run_one(mode, args.variant, args.image_size, args.batch_size, args.steps, args.threads)
             rows[mode] = r if mode not in rows or "error" in r else _pool(rows[mode], r)
     for mode, r in rows.items():
         if "error" in r:
             print(f"{mode:<10}  {r['error']}")
             continue
         print(f"{mode:<10}{r['trainable']:>13,}{r['params']:>13,}{r['step_s']:>9.2f}{r['best_s']:>9.2f}"
+              f"{r['cpu_s']:>9.2f}"
               f"{r['first_s']:>9.2f}"
               f"{r['peak_mib']:>10.0f}{r['growth_mib']:>12.0f}{r['grad_adam_mib']:>15.0f}", flush=True)
     lora, full = rows.get("topolora", {}), rows.get("full", {})
     if "step_s" in lora and "step_s" in full:
         print(f"\ntopolora / full: step time x{lora['step_s'] / full['step_s']:.2f} (median), "
-              f"x{lora['best_s'] / full['best_s']:.2f} (best), "
+              f"x{lora['best_s'] / full['best_s']:.2f} (best), CPU time x{lora['cpu_s'] / full['cpu_s']:.2f}, "
               f"peak memory x{lora['peak_mib'] / full['peak_mib']:.2f}, "
               f"memory growth over the built model x{lora['growth_mib'] / max(full['growth_mib'], 1e-9):.2f}")
     if args.json:
