@@ -29,7 +29,6 @@ import inspect
 import io
 import json
 import math
-import os
 import sys
 import tempfile
 import time
