@@ -186,7 +186,8 @@ def test_training_skips_and_reports_each_kind(corrupt, tmp_path):
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     kinds = {k[4:]: v for k, v in final.items() if k.startswith("bad/")}
     assert kinds and set(kinds) <= set(IMAGE_TEXT_BAD)
-    assert final["bad_samples_total"] == sum(kinds.values())
+    assert final["bad_samples"] == sum(kinds.values())
+    assert f"{int(final['bad_samples'])} bad samples skipped" in line
     assert (out / "export" / "model.safetensors").is_file()
 
 

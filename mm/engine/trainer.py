@@ -235,8 +235,10 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                     elapsed = time.time() - t0
                     values["lr"] = scheduler.get_last_lr()[0]
                     values["samples_per_s"] = n_micro * cfg.data.batch_size * world / max(elapsed, 1e-9)
-                    bad = _mean_over_ranks({"bad": float(loader.bad_counts.get("total", 0))})["bad"] * world
-                    values["bad_samples"] = bad
+                    # Per kind and summed over ranks (each rank reads its own shards).
+                    bad = _sum_counts(loader.bad_counts)
+                    values["bad_samples"] = float(bad.get("total", 0))
+                    values.update({f"bad/{k}": v for k, v in sorted(bad.items()) if k != "total"})
                     values["skipped_steps"] = skipped
                     if cfg.data.samples_per_epoch:
                         global_batch = cfg.data.batch_size * tc.grad_accum * world
@@ -283,8 +285,6 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad_counts.items()) if k != "total")
         print(f"{task.name}: {bad_counts.get('total', 0)} bad samples skipped{f' ({kinds})' if kinds else ''}, "
               f"{skipped} non-finite steps skipped", file=sys.stderr, flush=True)
-        logger.log(step, {"bad_samples_total": bad_counts.get("total", 0), "skipped_steps": skipped,
-                          **{f"bad/{k}": v for k, v in bad_counts.items() if k != "total"}})
     logger.close()
     return {"step": step, "last": last_logged, "eval": evaluation, "export": str(export_path),
             "bad_counts": bad_counts, "skipped_steps": skipped, "engine": engine}
