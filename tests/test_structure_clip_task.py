@@ -105,3 +105,23 @@ def test_two_ranks_zero2_and_zero3_train_and_export(shapes, tmp_path):
         assert sum(r["losses"][-3:]) / 3 < sum(r["losses"][:3]) / 3 - 0.05
         assert r["export_output_diff"] < 1e-5
         assert all(0 < x <= 1 for x in r["neg_share"])
+
+
+def test_fine_tunes_from_a_clip_export(task_cfg, tmp_path):
+    """model.pretrained takes a CLIP run's export (the demo fine-tunes its CLIP this way): every CLIP
+    weight is loaded, and the KEE's word embedding is a copy of the loaded one."""
+    from mm.engine.checkpoint import save_export
+    from mm.models.clip import build_clip
+
+    task, cfg = task_cfg
+    torch.manual_seed(1)
+    clip = build_clip(cfg.model)
+    path = tmp_path / "clip.safetensors"
+    save_export({k: v.contiguous() for k, v in clip.state_dict().items()}, path, {})
+    ft_cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", [*TINY, f"model.pretrained={path}"],
+                         task.config_class)
+    torch.manual_seed(2)
+    model = task.build_model(ft_cfg)
+    for name, value in clip.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[name], value), name
+    assert torch.equal(model.kee.token_embedding.weight, clip.text.token_embedding.weight)
