@@ -95,6 +95,12 @@ CASES = [
     Case("train-sam-checkpoint-not-weights", "train:topolora_sam",
          ["--config", "configs/topolora_sam/tiny.yaml", "--set", "model.checkpoint={txt}",
           "--set", "data.train={shards}", "--set", "train.out_dir={t}/{case}"], ["notes.txt"], ["{t}/{case}"]),
+    Case("train-structure-clip-misspelt-loss-key", "train:structure_clip",
+         ["--config", "configs/structure_clip/tiny.yaml", "--set", "loss.neg_wieght=1"],
+         ["loss.neg_wieght", "did you mean 'loss.neg_weight'"]),
+    Case("train-structure-missing-cache", "train:structure",
+         ["--config", "configs/structure/tiny.yaml", "--set", "cache.dir={t}/nocache", "--set",
+          "train.out_dir={t}/{case}", "--set", "eval.zeroshot_data="], ["nocache"], ["{t}/{case}"]),
     # --- train entry points: an out_dir holding someone else's checkpoint
     Case("train-resume-checkpoint-of-another-task", "train:clip", clip_train(out="{other_task_run}"),
          ["checkpoint of task 'filip'", "train.resume=false"], ["{other_task_run}/export"]),

@@ -25,6 +25,8 @@ TINY = {
     "clip": CLIP_TOWERS + ["data.num_workers=2"],
     "filip": CLIP_TOWERS + ["model.embed_dim=32", "data.num_workers=1"],
     "structure_clip": CLIP_TOWERS + ["model.kee_layers=1", "data.num_workers=1"],
+    # Heads on features cached once per test run (tiny random encoders; see ensure_cache).
+    "structure": ["data.batch_size=16", "data.num_workers=1", "cache.num_workers=0", "cache.batch_size=64"],
     "topolora_sam": ["model.encoder_embed_dim=32", "model.encoder_depth=2", "model.encoder_num_heads=2",
                      "model.encoder_global_attn_indexes=[1]", "model.image_size=32", "data.num_workers=1",
                      "data.val=", "data.shuffle_buffer=50"],
@@ -41,7 +43,20 @@ def task_config(task_name: str, shards: str, out_dir: Path):
 
     task = get_task(task_name)
     overrides = COMMON + TINY[task_name] + [f"data.train={shards}", f"train.out_dir={out_dir}"]
+    if task_name == "structure":
+        overrides.append(f"cache.dir={out_dir.parents[1] / 'structure-cache'}")
     return task, load_config(ROOT / f"configs/{task_name}/tiny.yaml", overrides, task.config_class)
+
+
+def ensure_cache(cfg, rank: int) -> None:
+    """STRUCTURE trains on cached encoder features: rank 0 writes them once for every run here."""
+    marker = Path(cfg.cache.dir + ".done")
+    if rank == 0 and not marker.exists():
+        from mm.tasks.structure_cli import run_cache
+
+        run_cache(cfg, True)
+        marker.write_text("")
+    dist.barrier()
 
 
 def main(shards: str, out_root: str, run: str, tasks: list[str], kill: str) -> None:
@@ -61,6 +76,8 @@ def main(shards: str, out_root: str, run: str, tasks: list[str], kill: str) -> N
         if name == kill_task:
             os.environ["MM_FAULT_KILL"] = kill_spec
         task, cfg = task_config(name, shards, out_dir)
+        if name == "structure":
+            ensure_cache(cfg, rank)
         train(task, cfg)
         dist.barrier()
         if rank == 0:
