@@ -2,7 +2,7 @@
 
   mm-shards synthetic --out data/shapes --num-samples 2000
   mm-shards folder --images imgs/ --captions captions.csv --out data/pairs
-  mm-shards coco --annotations captions_val2017.json --images val2017/ --out data/coco
+  mm-shards coco --annotations captions_val2017.json --images val2017/ --out data/coco --scene-graphs auto
   mm-shards seg --images DRIVE/training/images --masks DRIVE/training/1st_manual --out data/drive
   mm-shards dataset --name drive --root DRIVE/ --split train --out data/drive
 """
@@ -23,6 +23,7 @@ from mm.data.shards import (
 )
 from mm.data.synthetic import CLASSNAMES, write_shapes_world
 from mm.errors import cli_main
+from mm.scenegraph.parse import INSTALL_HINT, PARSERS
 
 _SHOWN_SKIPS = 10
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder the image paths are relative to")
     p.add_argument("--captions", required=True, help="captions file (.csv or .jsonl)")
     _add_output_options(p, prefix="shard", shard_size=1000, images=True)
+    _add_scene_graph_option(p, "each caption")
 
     p = commands.add_parser(
         "coco", help="COCO-style captions (annotations json + image folder)",
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", required=True, help="captions json with 'images' and 'annotations'")
     p.add_argument("--images", required=True, help="folder holding the images' file_name paths")
     _add_output_options(p, prefix="coco", shard_size=1000, images=True)
+    _add_scene_graph_option(p, "each image's first caption (txt)")
 
     p = commands.add_parser(
         "seg", help="binary segmentation: image folder + mask folder (+ field-of-view folder)",
@@ -125,6 +128,14 @@ def _add_output_options(p: argparse.ArgumentParser, prefix: str, shard_size: int
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
+def _add_scene_graph_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--scene-graphs", choices=("none", *PARSERS), default="none",
+                   help=f"parse {what} into a scene graph stored as json 'scene_graph' (Structure-CLIP "
+                        "then never parses): simple (built-in, simple captions only), spacy (dependency "
+                        f"rules; needs spaCy and its model: {INSTALL_HINT}), auto (spacy if installed, "
+                        "else simple); empty graphs are not stored (default none)")
+
+
 def _run(args: argparse.Namespace) -> ShardReport:
     progress = sys.stderr.isatty()
     common = {"shard_size": args.shard_size, "prefix": args.prefix, "overwrite": args.overwrite,
@@ -135,10 +146,10 @@ def _run(args: argparse.Namespace) -> ShardReport:
         return ShardReport(written=args.num_samples, shards=shards)
     if args.command == "folder":
         return write_image_text_shards(args.images, args.captions, args.out, reencode=args.reencode,
-                                       max_size=args.max_size, **common)
+                                       max_size=args.max_size, scene_graphs=args.scene_graphs, **common)
     if args.command == "coco":
         return write_coco_shards(args.annotations, args.images, args.out, reencode=args.reencode,
-                                 max_size=args.max_size, **common)
+                                 max_size=args.max_size, scene_graphs=args.scene_graphs, **common)
     if args.command == "dataset":
         from mm.data.seg_readers import write_dataset_shards
 
@@ -153,6 +164,8 @@ def _run(args: argparse.Namespace) -> ShardReport:
 def format_summary(report: ShardReport, out_dir: str) -> str:
     """The human-readable summary: counts, then up to ten skipped inputs with their reasons."""
     lines = [f"wrote {report.written} samples in {len(report.shards)} shards to {out_dir}"]
+    if report.scene_graphs is not None:
+        lines[0] += f" ({report.scene_graphs} with a scene graph, {report.scene_graph_parser} parser)"
     if report.skipped:
         lines[0] += f"; skipped {len(report.skipped)}:"
         lines += [f"  {path}: {reason}" for path, reason in report.skipped[:_SHOWN_SKIPS]]

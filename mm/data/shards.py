@@ -5,6 +5,9 @@ Sample layout (the contract the loaders read):
   segmentation:  __key__, png (image), mask.png (8-bit, 0/255), optional fov.png (same)
 Shards are `{out_dir}/{prefix}-%06d.tar`.
 
+Image-text writers can store each caption's scene graph as json `scene_graph` (SceneGraph.to_dict,
+as the shapes world writes it), so that Structure-CLIP training never parses captions.
+
 A sample that cannot be used (missing or corrupt image, empty caption, mask of the wrong size) is
 skipped and reported, never fatal; unusable input as a whole (no directory, no captions column,
 nothing usable at all) raises a UserError naming the file.
@@ -18,7 +21,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm.errors import DataError, UserError
+from mm.scenegraph.parse import caption_parser, resolve_parser
 
 ENCODINGS = ("jpg", "png", "webp")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp", ".ppm",
@@ -48,6 +52,8 @@ class ShardReport:
     written: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    scene_graphs: int | None = None  # samples whose json holds a scene_graph; None: graphs not asked for
+    scene_graph_parser: str | None = None  # "spacy" | "simple": what --scene-graphs auto resolved to
 
 
 @dataclass
@@ -227,6 +233,30 @@ def _finish(report: ShardReport, source: Path) -> ShardReport:
     return report
 
 
+def _graph_adder(scene_graphs: str, report: ShardReport) -> Callable[[dict[str, Any], str], None]:
+    """A function that adds the caption's scene graph to a sample's metadata, for --scene-graphs.
+
+    Resolving the parser here, before any shard exists, makes "spacy" without its model fail with
+    nothing written. A graph the input already provides is kept; an empty graph is not stored (the
+    trainer would parse the caption again anyway).
+    """
+    if scene_graphs == "none":
+        return lambda meta, caption: None
+    report.scene_graph_parser = resolve_parser(scene_graphs, "--scene-graphs")
+    parse = caption_parser(report.scene_graph_parser)
+    report.scene_graphs = 0
+
+    def add(meta: dict[str, Any], caption: str) -> None:
+        if not isinstance(meta.get("scene_graph"), dict):
+            graph = parse(caption)
+            if not graph:
+                return
+            meta["scene_graph"] = graph.to_dict()
+        report.scene_graphs += 1
+
+    return add
+
+
 # ---------------------------------------------------------------------------------------------------
 # Image folder + captions file (CSV or JSONL)
 
@@ -235,11 +265,12 @@ def write_image_text_shards(image_dir: str | os.PathLike, captions_file: str | o
                             out_dir: str | os.PathLike, shard_size: int = 1000,
                             reencode: str | None = None, max_size: int | None = None,
                             prefix: str = "shard", overwrite: bool = False,
-                            progress: bool = False) -> ShardReport:
+                            progress: bool = False, scene_graphs: str = "none") -> ShardReport:
     """Image-text shards from `image_dir` and a CSV (header row) or JSONL captions file.
 
     Rows name the image (`filepath` or `image`, relative to image_dir or absolute) and its caption
-    (`caption` or `text`); every other column goes into the sample's json metadata.
+    (`caption` or `text`); every other column goes into the sample's json metadata. `scene_graphs`
+    (none | simple | spacy | auto, see mm.scenegraph.parse.resolve_parser) adds each caption's graph.
     """
     image_dir = _existing(image_dir, "image directory", is_dir=True)
     captions_file = _existing(captions_file, "captions file", is_dir=False)
@@ -251,6 +282,7 @@ def write_image_text_shards(image_dir: str | os.PathLike, captions_file: str | o
     path_field = _pick_field(fields, _PATH_FIELDS, "image path", captions_file) if head else ""
     caption_field = _pick_field(fields, _CAPTION_FIELDS, "caption", captions_file) if head else ""
     report = ShardReport()
+    add_graph = _graph_adder(scene_graphs, report)
 
     def samples() -> Iterator[dict[str, Any]]:
         used: set[str] = set()
@@ -281,6 +313,7 @@ def write_image_text_shards(image_dir: str | os.PathLike, captions_file: str | o
                 report.skipped.append((str(image_path), str(e)))
                 continue
             report.written += 1
+            add_graph(meta, caption.strip())
             yield {"__key__": make_key(str(Path(rel.strip()).with_suffix("")), used),
                    image.ext: image.data, "txt": caption.strip().encode("utf-8"),
                    "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
@@ -346,14 +379,16 @@ def _as_int(value: Any) -> int | None:
 def write_coco_shards(annotations_json: str | os.PathLike, image_dir: str | os.PathLike,
                       out_dir: str | os.PathLike, shard_size: int = 1000, reencode: str | None = None,
                       max_size: int | None = None, prefix: str = "coco", overwrite: bool = False,
-                      progress: bool = False) -> ShardReport:
+                      progress: bool = False, scene_graphs: str = "none") -> ShardReport:
     """One image-text sample per COCO image: txt = its first caption, json `captions` = all of them
-    (retrieval counts every caption of an image as correct) and `image_id`."""
+    (retrieval counts every caption of an image as correct) and `image_id`; with `scene_graphs` also
+    `scene_graph`, the graph of the first caption (the one training reads)."""
     annotations_json = _existing(annotations_json, "annotations file", is_dir=False)
     image_dir = _existing(image_dir, "image directory", is_dir=True)
     _check_options(reencode, max_size)
     images, captions = _read_coco(annotations_json)
     report = ShardReport()
+    add_graph = _graph_adder(scene_graphs, report)
 
     def samples() -> Iterator[dict[str, Any]]:
         used: set[str] = set()
@@ -375,6 +410,7 @@ def write_coco_shards(annotations_json: str | os.PathLike, image_dir: str | os.P
                 continue
             report.written += 1
             meta = {"captions": texts, "image_id": entry["id"]}
+            add_graph(meta, texts[0])
             yield {"__key__": make_key(str(Path(entry["file_name"]).with_suffix("")), used),
                    image.ext: image.data, "txt": texts[0].encode("utf-8"),
                    "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}

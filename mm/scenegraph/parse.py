@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 from mm.errors import UserError
@@ -23,6 +24,7 @@ from mm.scenegraph.graph import PHRASE_PREDICATES, Relation, SceneGraph, SGObjec
 
 SPACY_MODEL = "en_core_web_sm"
 INSTALL_HINT = f"pip install spacy && python -m spacy download {SPACY_MODEL}"
+PARSERS = ("auto", "spacy", "simple")  # the choices of loss.parser and mm-shards --scene-graphs
 
 
 class CaptionParseError(ValueError):
@@ -307,3 +309,40 @@ def parse_caption(text: str, nlp: Any = None, fallback: bool = False) -> SceneGr
             raise UserError(f"scene-graph parsing needs spaCy and its {SPACY_MODEL} model, which are not "
                             f"installed: {INSTALL_HINT} (or use the simple built-in parser: fallback=True)")
     return parse_doc(nlp(text))
+
+
+def resolve_parser(choice: str, option: str) -> str:
+    """"spacy" or "simple": the parser `choice` (one of PARSERS) stands for on this machine.
+
+    "auto" is the spaCy rules when spaCy and its model load, else the simple parser. `option` names the
+    setting in the messages: an unknown choice, and "spacy" without spaCy or its model, are a UserError
+    (with the install hint) so that a run fails before any work rather than on its first caption.
+    Loads the pipeline (once per process) unless the choice is "simple".
+    """
+    if choice not in PARSERS:
+        raise UserError(f"{option} must be one of {', '.join(PARSERS)}; got {choice!r}")
+    if choice == "simple":
+        return "simple"
+    if _default_nlp() is not None:
+        return "spacy"
+    if choice == "spacy":
+        raise UserError(f"{option} spacy needs spaCy and its {SPACY_MODEL} model, which are not installed: "
+                        f"{INSTALL_HINT} (or choose simple or auto)")
+    return "simple"
+
+
+def caption_parser(name: str) -> Callable[[str], SceneGraph]:
+    """The parser function of a resolve_parser result. Both are module-level functions, so a loader
+    worker receives a reference, never a pipeline; parse_caption loads the pipeline on its first call
+    in each process (cached), not per caption."""
+    return parse_caption if name == "spacy" else parse_simple
+
+
+def describe_parser(name: str, choice: str) -> str:
+    """Which parser a resolve_parser result is, for start-up messages; when "auto" fell back to the
+    simple parser it says how to get the spaCy rules, since the user may not know they are missing."""
+    if name == "spacy":
+        return f"spaCy dependency rules ({SPACY_MODEL})"
+    if choice == "auto":
+        return f"the built-in simple parser ({SPACY_MODEL} not installed; for the spaCy rules: {INSTALL_HINT})"
+    return "the built-in simple parser"
