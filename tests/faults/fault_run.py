@@ -66,7 +66,8 @@ def main(shards: str, out_root: str, run: str, tasks: list[str], kill: str) -> N
     rank = dist.get_rank()
     pids = Path(out_root, "pids")
     pids.mkdir(parents=True, exist_ok=True)
-    Path(pids, f"rank{rank}").write_text(str(os.getpid()))
+    Path(pids, f".rank{rank}").write_text(str(os.getpid()))
+    os.replace(Path(pids, f".rank{rank}"), Path(pids, f"rank{rank}"))  # the test never reads half a pid
     kill_task, _, kill_spec = kill.partition("/")
     for name in tasks:
         out_dir = Path(out_root, run, name)

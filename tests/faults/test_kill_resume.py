@@ -46,8 +46,11 @@ def _launch(shards: str, out: Path, run: str, tasks: list[str], kill: str = "") 
     log = open(out / "launches.log", "a")
     log.write(f"\n=== {' '.join(cmd)}\n")
     log.flush()
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+    launched_at = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    proc.launched_at = launched_at  # metrics lines older than this belong to an earlier launch
+    return proc
 
 
 def _wait(proc: subprocess.Popen, timeout: float = 300) -> int:
@@ -76,16 +79,16 @@ def _steps_logged_since(run_dir: Path, since: float) -> int:
 def _kill_at_random_step(proc: subprocess.Popen, out: Path, run_dir: Path, rng: random.Random) -> dict:
     """SIGKILL rank 0, rank 1 or both once the run logged step >= k, after a random delay."""
     k, delay, victims = rng.randint(1, STEPS - 1), rng.uniform(0.0, 0.3), rng.choice([[0], [1], [0, 1]])
-    start = time.time()
-    while _steps_logged_since(run_dir, start - 1) < k:
+    pid_files = [out / "pids" / f"rank{r}" for r in victims]
+    while _steps_logged_since(run_dir, proc.launched_at) < k or not all(p.is_file() for p in pid_files):
         if proc.poll() is not None:
             return {"k": k, "killed": False}
         time.sleep(0.02)
     time.sleep(delay)
-    for r in victims:
-        os.kill(int((out / "pids" / f"rank{r}").read_text()), signal.SIGKILL)
+    for pid_file in pid_files:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
     return {"k": k, "delay": round(delay, 3), "ranks": victims, "killed": True,
-            "logged_step": _steps_logged_since(run_dir, start - 1)}
+            "logged_step": _steps_logged_since(run_dir, proc.launched_at)}
 
 
 @pytest.fixture(scope="module")
