@@ -137,6 +137,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     tc = cfg.train
     out_dir = Path(tc.out_dir)
     # Inputs are checked before anything is written, so a bad command leaves no partial run directory.
+    task.check_config(cfg)
     train_urls = getattr(cfg.data, "train", "")
     if getattr(task, "reads_train_shards", True) and isinstance(train_urls, str) and train_urls.strip():
         check_local_shards(train_urls, "data.train")

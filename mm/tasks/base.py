@@ -23,6 +23,9 @@ class Task:
     name: str = ""
     config_class: type = RunConfig
 
+    def check_config(self, cfg: Any) -> None:
+        """Raise UserError on values the config types cannot check; runs before any input is read."""
+
     def build_model(self, cfg: Any, load_pretrained: bool = True) -> torch.nn.Module:
         raise NotImplementedError
 

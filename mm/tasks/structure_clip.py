@@ -144,6 +144,10 @@ class StructureClipTask(Task):
     def __init__(self) -> None:
         self._reported = False
 
+    def check_config(self, cfg: StructureClipRunConfig) -> None:
+        check_loss_config(cfg.loss)
+        resolve_parser(cfg.loss.parser, "loss.parser")  # a missing spaCy model, before any data is read
+
     def build_model(self, cfg: StructureClipRunConfig, load_pretrained: bool = True) -> torch.nn.Module:
         check_loss_config(cfg.loss)
         if load_pretrained:
