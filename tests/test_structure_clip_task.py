@@ -92,14 +92,14 @@ def test_kee_changes_text_features_only_when_enabled(task_cfg):
     assert no_kee.kee is None
 
 
-def test_two_ranks_zero2_and_zero3_train_and_export(shapes, tmp_path):
+def test_two_ranks_zero1_2_and_3_train_and_export(shapes, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(ROOT / "tests/dist/structure_clip_check.py"), shapes["train"], shapes["val"], str(tmp_path), "2,3"]
+           str(ROOT / "tests/dist/structure_clip_check.py"), shapes["train"], shapes["val"], str(tmp_path), "1,2,3"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    for stage in ("2", "3"):
+    for stage in ("1", "2", "3"):
         r = results[stage]
         assert r["step"] == 8 and len(r["losses"]) == 8
         assert sum(r["losses"][-3:]) / 3 < sum(r["losses"][:3]) / 3 - 0.05
