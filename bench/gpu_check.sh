@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 8 minutes on one H200): the GPU-marked tests, 50 training steps of each
+# One prepared GPU check, bounded to 8 minutes once installed (bench/gpu_check.py --budget 440: each stage
+# gets at most what is left, stages that no longer fit are skipped and named, and the JSON is rewritten
+# after every stage; never yet run on a GPU): the GPU-marked tests, 50 training steps of each
 # trainer at a realistic size on synthetic data with random weights (FILIP ViT-B/16 batch 128 bf16 ZeRO-2;
 # TopoLoRA-SAM vit_b at 1024; STRUCTURE heads at batch 4096; Structure-CLIP ViT-B/32), the FILIP loss
 # against the naive dense one and the segmentation-inference benchmark, all into ONE JSON file.
@@ -21,4 +23,4 @@ if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
     exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 470 python bench/gpu_check.py --out "${1:-gpu_check.json}"
+timeout 475 python bench/gpu_check.py --out "${1:-gpu_check.json}"
