@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mm.metrics.retrieval import retrieval_recall
+from mm.metrics.retrieval import recall_from_scores, retrieval_recall
 from mm.models.clip import ClipModelConfig, build_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,26 +23,33 @@ CFG = ClipModelConfig(arch={"embed_dim": 32,
 
 
 def brute_force(image_emb, text_emb, owner, k):
-    """Recall@k by sorting every query's candidates, wrong candidates first among equal scores."""
+    """Recall@k of cosine scores (see brute_force_scores)."""
     img = torch.nn.functional.normalize(image_emb, dim=-1)
     txt = torch.nn.functional.normalize(text_emb, dim=-1)
+    return brute_force_scores(lambda i, t: (img[i] @ txt[t]).item(), lambda i, t: (txt[t] @ img[i]).item(),
+                              len(img), len(txt), owner, k)
+
+
+def brute_force_scores(score_i2t, score_t2i, n_img, n_txt, owner, k):
+    """Recall@k by sorting every query's candidates, wrong candidates first among equal scores;
+    score_i2t(i, t) ranks captions t for image i, score_t2i(i, t) ranks images i for caption t."""
     i2t_hits = queries = 0
-    for i in range(len(img)):
-        captions = [t for t in range(len(txt)) if owner[t] == i]
+    for i in range(n_img):
+        captions = [t for t in range(n_txt) if owner[t] == i]
         if not captions:
             continue
         queries += 1
-        candidates = [(-(img[i] @ txt[t]).item(), t in captions, t) for t in range(len(txt))]
+        candidates = [(-score_i2t(i, t), t in captions, t) for t in range(n_txt)]
         candidates.sort(key=lambda c: (c[0], c[1]))  # best score first; a wrong one before a tied right one
         if any(correct for _, correct, _ in candidates[:k]):
             i2t_hits += 1
     t2i_hits = 0
-    for t in range(len(txt)):
-        candidates = [(-(txt[t] @ img[i]).item(), i == owner[t], i) for i in range(len(img))]
+    for t in range(n_txt):
+        candidates = [(-score_t2i(i, t), i == owner[t], i) for i in range(n_img)]
         candidates.sort(key=lambda c: (c[0], c[1]))
         if any(correct for _, correct, _ in candidates[:k]):
             t2i_hits += 1
-    return i2t_hits / queries, t2i_hits / len(txt)
+    return i2t_hits / queries, t2i_hits / n_txt
 
 
 def test_recall_equals_brute_force_with_duplicate_captions():
@@ -89,6 +96,25 @@ def test_hand_counted_case_and_ties_count_against_the_query():
     assert flat["image_to_text_recall@1"] == 0.0 and flat["text_to_image_recall@1"] == 0.0
 
 
+def test_recall_from_two_score_matrices_ranks_each_direction_by_its_own():
+    g = torch.Generator().manual_seed(1)
+    owner = [0, 0, 1, 2, 2, 2, 3, 5]  # image 4 has no caption
+    s_i2t, s_t2i = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    s_t2i[1, 0] = s_t2i[0, 0]  # a tie: counts against the query
+    got = recall_from_scores(s_i2t, s_t2i, torch.tensor(owner), ks=(1, 2, 3))
+    for k in (1, 2, 3):
+        i2t, t2i = brute_force_scores(lambda i, t: s_i2t[i, t].item(), lambda i, t: s_t2i[i, t].item(),
+                                      6, 8, owner, k)
+        assert got[f"image_to_text_recall@{k}"] == pytest.approx(i2t), k
+        assert got[f"text_to_image_recall@{k}"] == pytest.approx(t2i), k
+    # with the cosine matrix in both directions it is retrieval_recall
+    img, txt = torch.randn(6, 5, generator=g), torch.randn(8, 5, generator=g)
+    cos = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    assert recall_from_scores(cos, cos, torch.tensor(owner)) == retrieval_recall(img, txt, torch.tensor(owner))
+    with pytest.raises(ValueError, match="score matrices"):
+        recall_from_scores(s_i2t, s_t2i.T, torch.tensor(owner))
+
+
 def test_text_to_image_must_index_the_gallery():
     with pytest.raises(ValueError, match="text_to_image"):
         retrieval_recall(torch.eye(2), torch.eye(2), torch.tensor([0, 2]))
@@ -108,12 +134,25 @@ def exported(tmp_path_factory):
     return path, model
 
 
-def test_cli_on_coco_style_shards(exported, tmp_path):
-    from mm.data.shards import write_coco_shards
-    from mm.evaluate.retrieval import retrieval_batches, retrieval_embeddings
-    from mm.models.clip import clip_preprocess, clip_tokenizer
+@pytest.fixture(scope="module")
+def filip_exported(tmp_path_factory):
+    from mm.config import config_json
+    from mm.models.filip import FilipModelConfig, build_filip
+    from mm.tasks.filip import FilipRunConfig
 
-    path, model = exported
+    cfg = FilipModelConfig(arch=CFG.arch, embed_dim=24)
+    torch.manual_seed(0)
+    model = build_filip(cfg).eval()
+    path = tmp_path_factory.mktemp("filip") / "model.safetensors"
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    meta = {"mm_task": "filip", "mm_config": config_json(FilipRunConfig(model=cfg)), "mm_step": "0"}
+    save_file(state, str(path), metadata=meta)
+    return path, model, cfg
+
+
+def _coco_shards(tmp_path):
+    from mm.data.shards import write_coco_shards
+
     images = tmp_path / "images"
     images.mkdir()
     colours = ["red", "green", "blue", "yellow", "white", "black"]
@@ -127,18 +166,30 @@ def test_cli_on_coco_style_shards(exported, tmp_path):
     ann = tmp_path / "captions.json"
     ann.write_text(json.dumps({"images": entries, "annotations": annotations}))
     write_coco_shards(ann, images, tmp_path / "shards", shard_size=4)
-    urls = f"{tmp_path}/shards/coco-{{000000..000001}}.tar"
+    return f"{tmp_path}/shards/coco-{{000000..000001}}.tar", len(annotations)
 
-    out = tmp_path / "retrieval.json"
+
+def _run_cli(path, urls, out, *extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "eval/retrieval.py", "--checkpoint", str(path), "--data", urls,
-                           "--batch-size", "4", "--output", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+                           "--batch-size", "4", "--output", str(out), *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    return proc
+
+
+def test_cli_on_coco_style_shards(exported, tmp_path):
+    from mm.evaluate.retrieval import retrieval_batches, retrieval_embeddings
+    from mm.models.clip import clip_preprocess, clip_tokenizer
+
+    path, model = exported
+    urls, n_annotations = _coco_shards(tmp_path)
+    out = tmp_path / "retrieval.json"
+    proc = _run_cli(path, urls, out)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(out.read_text())
     assert record["task"] == "zeroshot_retrieval"
     metrics = record["metrics"]
-    assert metrics["n_images"] == 6 and metrics["n_texts"] == len(annotations) == 12
+    assert metrics["n_images"] == 6 and metrics["n_texts"] == n_annotations == 12
     assert metrics["text_to_image_recall@10"] == 1.0  # only 6 images in the gallery
     i2t = [metrics[f"image_to_text_recall@{k}"] for k in (1, 5, 10)]
     assert i2t == sorted(i2t)
@@ -152,3 +203,44 @@ def test_cli_on_coco_style_shards(exported, tmp_path):
     for k in (1, 5):
         assert metrics[f"image_to_text_recall@{k}"] == pytest.approx(expected[f"image_to_text_recall@{k}"])
         assert metrics[f"text_to_image_recall@{k}"] == pytest.approx(expected[f"text_to_image_recall@{k}"])
+
+
+def test_cli_tokenwise_scoring_of_a_filip_export(filip_exported, exported, tmp_path):
+    """FILIP's token-wise retrieval: each direction ranked by its own token-wise similarity, computed
+    here pair by pair from the model's tokens."""
+    from mm.evaluate.retrieval import retrieval_batches
+    from mm.losses.filip import filip_similarity
+    from mm.models.clip import clip_preprocess, clip_tokenizer
+
+    path, model, cfg = filip_exported
+    urls, _ = _coco_shards(tmp_path)
+    out = tmp_path / "tokenwise.json"
+    proc = _run_cli(path, urls, out, "--scoring", "tokenwise", "--ks", "1,2,5")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    assert record["scoring"] == "tokenwise" and record["model_task"] == "filip"
+
+    tok, pre = clip_tokenizer(cfg), clip_preprocess(cfg, False)
+    images, captions, owner = [], [], []
+    for batch in retrieval_batches(pre, urls, batch_size=3):
+        for image, caps in zip(batch["image"], batch["captions"]):
+            owner.extend([len(images)] * len(caps))
+            images.append(image)
+            captions.extend(caps)
+    with torch.no_grad():
+        img = [model.encode_image_tokens(x[None]) for x in images]
+        txt = [model.encode_text_tokens(tok([c])) for c in captions]
+
+    def pair(i, t):
+        return filip_similarity(img[i][0], img[i][1], txt[t][0], txt[t][1])
+
+    for k in (1, 2, 5):
+        i2t, t2i = brute_force_scores(lambda i, t: pair(i, t)[0].item(), lambda i, t: pair(i, t)[1].item(),
+                                      len(images), len(captions), owner, k)
+        assert record["metrics"][f"image_to_text_recall@{k}"] == pytest.approx(i2t), k
+        assert record["metrics"][f"text_to_image_recall@{k}"] == pytest.approx(t2i), k
+
+    # a CLIP export has no tokens to match: one line naming it, exit 2, nothing written
+    proc = _run_cli(exported[0], urls, tmp_path / "no.json", "--scoring", "tokenwise")
+    assert proc.returncode == 2 and "token-wise scoring needs a FILIP model" in proc.stderr
+    assert not (tmp_path / "no.json").exists()

@@ -2,6 +2,8 @@
 
 Every image is in the gallery once; its captions are the json `captions` list (as `mm-shards coco`
 writes it) or else its txt caption, and every one of them counts as correct (CLIP_benchmark protocol).
+`--scoring tokenwise` ranks with FILIP's token-wise similarities (s^I for image queries, s^T for caption
+queries) instead of the cosine of pooled embeddings.
 """
 
 from __future__ import annotations
@@ -77,6 +79,50 @@ def retrieval_embeddings(model: torch.nn.Module, tokenizer: Callable, batches: I
     return torch.cat(images), torch.cat(texts), torch.tensor(owners, dtype=torch.long)
 
 
+@torch.no_grad()
+def retrieval_token_scores(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                           device: torch.device | str = "cpu", text_batch_size: int = 256,
+                           image_chunk: int = 64, text_chunk: int = 256
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s_i2t, s_t2i, caption -> image index): FILIP's token-wise similarities of every image with every
+    caption, both (n_images, n_captions), for a model with encode_image_tokens / encode_text_tokens.
+
+    Every image's and caption's normalised tokens are kept on the CPU (n x tokens x width floats), and
+    the scores are computed in blocks of `image_chunk` images x `text_chunk` captions.
+    """
+    from mm.losses.filip import filip_similarity
+
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    img_tok, img_mask, txt_tok, txt_mask, owners = [], [], [], [], []
+    n_images = 0
+    try:
+        for batch in batches:
+            tokens, mask = model.encode_image_tokens(batch["image"].to(device, dtype))
+            img_tok.append(F.normalize(tokens.float(), dim=-1).cpu())
+            img_mask.append(mask.cpu())
+            captions = [c for caps in batch["captions"] for c in caps]
+            owners.extend(n_images + i for i, caps in enumerate(batch["captions"]) for _ in caps)
+            n_images += len(batch["captions"])
+            for start in range(0, len(captions), text_batch_size):
+                tokens, mask = model.encode_text_tokens(tokenizer(captions[start:start + text_batch_size]).to(device))
+                txt_tok.append(F.normalize(tokens.float(), dim=-1).cpu())
+                txt_mask.append(mask.cpu())
+    finally:
+        model.train(was_training)
+    if not img_tok:
+        raise UserError("no image-caption samples to evaluate")
+    img, im, txt, tm = torch.cat(img_tok), torch.cat(img_mask), torch.cat(txt_tok), torch.cat(txt_mask)
+    s_i2t, s_t2i = [], []
+    for start in range(0, len(img), image_chunk):
+        a, b = filip_similarity(img[start:start + image_chunk], im[start:start + image_chunk], txt, tm,
+                                normalize=False, chunk_size=text_chunk)
+        s_i2t.append(a)
+        s_t2i.append(b)
+    return torch.cat(s_i2t), torch.cat(s_t2i), torch.tensor(owners, dtype=torch.long)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mm-retrieval",
@@ -85,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--data", required=True,
                    help="WebDataset shards; captions from json 'captions' (mm-shards coco) or else the txt")
+    p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
+                   help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
+                        "similarities (FILIP exports only)")
     p.add_argument("--ks", default="1,5,10", help="comma-separated k values (default 1,5,10)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
@@ -100,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from mm.evaluate.models import load_eval_model
-    from mm.metrics.retrieval import retrieval_recall
+    from mm.metrics.retrieval import recall_from_scores, retrieval_recall
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -117,16 +166,23 @@ def main(argv: list[str] | None = None) -> int:
 
     check_local_shards(args.data, "--data")
     model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
+    if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
+        raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
     loader = retrieval_batches(preprocess, args.data, args.batch_size, args.workers)
     batches = tqdm(loader, desc="retrieval", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty(),
                    leave=False)
-    image_emb, text_emb, text_to_image = retrieval_embeddings(model, tokenizer, batches)
-    metrics = retrieval_recall(image_emb, text_emb, text_to_image, ks)
+    if args.scoring == "tokenwise":
+        s_i2t, s_t2i, text_to_image = retrieval_token_scores(model, tokenizer, batches)
+        metrics = recall_from_scores(s_i2t, s_t2i, text_to_image, ks)
+    else:
+        image_emb, text_emb, text_to_image = retrieval_embeddings(model, tokenizer, batches)
+        metrics = retrieval_recall(image_emb, text_emb, text_to_image, ks)
+    n_images, n_texts = int(metrics["n_images"]), int(metrics["n_texts"])
     record = {"dataset": args.data, "model": loaded.name,
               "pretrained": loaded.source, "checkpoint": loaded.source,
-              "task": "zeroshot_retrieval", "model_task": loaded.task, "metrics": metrics,
-              "ks": list(ks), "batch_size": args.batch_size,
-              "captions_per_image": len(text_emb) / max(1, len(image_emb))}
+              "task": "zeroshot_retrieval", "model_task": loaded.task, "scoring": args.scoring,
+              "metrics": metrics, "ks": list(ks), "batch_size": args.batch_size,
+              "captions_per_image": n_texts / max(1, n_images)}
     bad = loader.bad_counts
     if bad:
         record["bad_samples"] = bad
@@ -136,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).write_text(text + "\n")
     parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/"
                       f"{metrics[f'text_to_image_recall@{k}']:.3f}" for k in ks)
-    print(f"retrieval {loaded.task} (image->text/text->image): {parts} on {len(image_emb)} images, "
-          f"{len(text_emb)} captions")
+    print(f"retrieval {loaded.task} ({args.scoring}; image->text/text->image): {parts} on {n_images} images, "
+          f"{n_texts} captions")
     print(text)
     return 0
 
