@@ -219,3 +219,19 @@ def test_periodic_zeroshot_is_logged_and_equals_the_exported_models(dist_results
     assert r["zeroshot_logged_at"] == [4, 8]  # train.eval_every=4, plus the final evaluation
     for key, value in r["eval_of_export"].items():
         assert r["eval"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_zeroshot_cli_on_the_export_gives_the_training_time_evaluation(dist_results, shapes, capsys, tmp_path):
+    """mm-zeroshot on a FILIP export (trained under ZeRO-3), pooled and token-wise, reproduces the
+    evaluation the trainer logged at the end of training."""
+    from mm.evaluate.zeroshot import main
+
+    r = dist_results["3"]
+    for scoring, prefix in (("pooled", "zeroshot"), ("tokenwise", "zeroshot_tokenwise")):
+        out = tmp_path / f"{scoring}.json"
+        assert main(["--checkpoint", r["export"], "--data", str(shapes["val"]), "--scoring", scoring,
+                     "--output", str(out)]) == 0
+        assert capsys.readouterr().out.startswith(f"zero-shot filip ({scoring}): acc1 ")
+        metrics = json.loads(out.read_text())["metrics"]
+        for key in ("acc1", "acc5", "mean_per_class_recall"):
+            assert metrics[key] == pytest.approx(r["eval"][f"{prefix}/{key}"], abs=1e-6), (scoring, key)

@@ -105,6 +105,14 @@ def test_two_ranks_zero1_2_and_3_train_and_export(shapes, tmp_path):
         assert sum(r["losses"][-3:]) / 3 < sum(r["losses"][:3]) / 3 - 0.05
         assert r["export_output_diff"] < 1e-5
         assert all(0 < x <= 1 for x in r["neg_share"])
+    # mm-zeroshot on the ZeRO-3 export reproduces the trainer's final evaluation (run on every rank).
+    from mm.evaluate.zeroshot import main
+
+    out = tmp_path / "zs.json"
+    assert main(["--checkpoint", results["3"]["export"], "--data", str(shapes["val"]), "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        assert metrics[key] == pytest.approx(results["3"]["eval"][f"zeroshot/{key}"], abs=1e-6), key
 
 
 def test_fine_tunes_from_a_clip_export(task_cfg, tmp_path):

@@ -184,12 +184,12 @@ def test_heads_refuse_an_encoder_they_were_not_trained_on(workflow):
 @pytest.fixture(scope="module")
 def dist_results(workflow, torchrun) -> dict:
     out = workflow["root"] / "dist"
-    proc = torchrun(ROOT / "tests/dist/structure_check.py", str(workflow["train_yaml"]), str(out), "2,3")
+    proc = torchrun(ROOT / "tests/dist/structure_check.py", str(workflow["train_yaml"]), str(out), "1,2,3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("stage", ["2", "3"])
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
 def test_two_rank_training_lowers_the_loss_and_exports(dist_results, stage):
     r = dist_results[stage]
     assert r["step"] == 30 and len(r["losses"]) == 30
@@ -211,6 +211,21 @@ def test_end_to_end_zeroshot_cli_runs_unchanged_on_the_export(dist_results, shap
     assert record["model_task"] == "structure" and record["metrics"]["n_images"] == 24
     # The CLI's number is the training-time evaluation of the same heads.
     assert record["metrics"]["acc1"] == pytest.approx(dist_results["2"]["eval"]["zeroshot/acc1"])
+
+
+def test_retrieval_and_compositional_clis_run_unchanged_on_the_export(dist_results, shapes, tmp_path):
+    from mm.evaluate.compositional import main as compositional
+    from mm.evaluate.retrieval import main as retrieval
+
+    export = dist_results["3"]["export"]
+    assert retrieval(["--checkpoint", export, "--data", str(shapes["val"]), "--output", str(tmp_path / "r.json")]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["model_task"] == "structure" and record["metrics"]["n_images"] == 24
+    assert record["metrics"]["text_to_image_recall@10"] >= record["metrics"]["text_to_image_recall@1"]
+    assert compositional(["--checkpoint", export, "--synthetic-shapes", str(shapes["train_shards"][0]),
+                          "--output", str(tmp_path / "c.json")]) == 0
+    results = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert results["shapes_relation"]["n"] > 0 and 0 <= results["shapes_relation"]["acc"] <= 1
 
 
 def test_cli_errors_are_one_line(workflow, capsys):

@@ -51,6 +51,7 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
             "step": res["step"],
             "export_output_diff": (trained - exported).abs().max().item(),
             "eval": res["eval"],
+            "export": str(res["export"]),
             # The same evaluation on the exported fp32 copy, without DeepSpeed: ZeRO-3 must not change it.
             "eval_of_export": task.evaluate(plain, cfg),
             "zeroshot_logged_at": [r["step"] for r in records if "zeroshot/acc1" in r],

@@ -59,6 +59,7 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
             "step": res["step"],
             "export_output_diff": max(diff, (trained_image - exported_image).abs().max().item()),
             "eval": res["eval"],
+            "export": str(res["export"]),
         }
     if rank == 0:
         Path(out, "results.json").write_text(json.dumps(results))
