@@ -187,3 +187,34 @@ def test_tokenwise_scoring_on_a_folder_equals_the_shards_path(shapes, val_images
     got = classification_metrics(logits, labels, len(names))
     assert len(labels) == ref["n_images"] == 24
     assert got == pytest.approx({k: v for k, v in ref.items() if k != "n_images"})
+
+
+def test_cli_on_a_folder_equals_open_clip_reference(model, exported, val_images, tmp_path, capsys):
+    """The issue's check as one piece: mm-zeroshot on a tiny open_clip model and a tiny image folder
+    against a plain reference built from open_clip's own build_zero_shot_classifier."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    from PIL import Image
+
+    from mm.evaluate.zeroshot import main
+
+    root, rows = val_images
+    names, templates = load_classnames("shapes"), load_templates("shapes")
+    out = tmp_path / "zs.json"
+    assert main(["--checkpoint", str(exported), "--data", str(root), "--classnames", "shapes",
+                 "--output", str(out)]) == 0
+    capsys.readouterr()
+    ours = json.loads(out.read_text())["metrics"]
+
+    tok, pre = clip_tokenizer(CFG), clip_preprocess(CFG, False)
+    classifier = build_zero_shot_classifier(model, tok, names, templates)
+    with torch.no_grad():
+        images = torch.stack([pre(Image.open(root / rel)) for rel, _, _ in rows])
+        logits = 100 * torch.nn.functional.normalize(model.encode_image(images), dim=-1) @ classifier
+    labels = torch.tensor([label for _, label, _ in rows])
+    pred = logits.argmax(1)
+    acc5 = sum(labels[i].item() in logits[i].topk(5).indices.tolist() for i in range(len(labels))) / len(labels)
+    recall = sum((pred[labels == c] == c).float().mean().item() for c in range(len(names))) / len(names)
+    assert ours["n_images"] == len(rows) == 24
+    assert ours["acc1"] == pytest.approx((pred == labels).float().mean().item())
+    assert ours["acc5"] == pytest.approx(acc5)
+    assert ours["mean_per_class_recall"] == pytest.approx(recall)
