@@ -151,3 +151,7 @@ def test_the_resumed_run_ends_with_the_uninterrupted_weights(faults, task):
     run_dir = Path(faults["dir"]) / "fault" / task
     assert latest_tag(run_dir) == f"step{STEPS:08d}"
     assert not list(run_dir.rglob("*.tmp")), "a temporary file was left behind"
+    # Training is deterministic, so equal weights alone would not show a resume: every launch appends
+    # to metrics.jsonl, and step 1 logged once means no restart began from scratch.
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps.count(1) == 1 and set(steps) == set(range(1, STEPS + 1)), f"{steps} {_context(faults)}"
