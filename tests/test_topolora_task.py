@@ -12,6 +12,7 @@ from PIL import Image
 from mm.config import load_config
 from mm.data.loader import Loader, StreamSpec, default_collate
 from mm.data.shards import png_bytes, write_samples
+from mm.data.synthetic import write_vessels
 from mm.tasks import get_task
 from mm.tasks.topolora_sam import SegDataConfig, augment, export_kind, seg_sample_map
 
@@ -108,11 +109,14 @@ def test_configs_load(shapes):
 
 
 @pytest.fixture(scope="module")
-def dist_results(torchrun, shapes, tmp_path_factory):
+def dist_results(torchrun, tmp_path_factory):
     out = tmp_path_factory.mktemp("topolora")
+    # Thin vessel-like curves, 1-3 px wide at 32 px (2-6 px at the model's 64 px input): what clDice is for.
+    train = write_vessels(out / "train", 320, image_size=32, seed=0, shard_size=40)
+    val = write_vessels(out / "val", 24, image_size=32, seed=1)
     # ZeRO-1 from a random SAM (full export); ZeRO-2 and 3 from a base checkpoint (trainable-only export).
-    proc = torchrun(ROOT / "tests/dist/topolora_check.py", shapes["train"], shapes["val"], str(out), "1,2,3", "30",
-                    "2,3")
+    proc = torchrun(ROOT / "tests/dist/topolora_check.py", f"{out}/train/vessels-{{000000..{len(train) - 1:06d}}}.tar",
+                    val[0], str(out), "1,2,3", "30", "2,3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text())
 
@@ -122,8 +126,10 @@ def test_two_ranks_train_and_validation_dice_rises(dist_results, stage):
     r = dist_results[stage]
     assert r["step"] == 30 and r["bad_samples"] == 0
     assert r["losses"][-1] < r["losses"][0] - 0.3
-    assert r["after"]["val/dice"] > r["before"]["val/dice"] + 0.3
-    assert r["after"]["val/dice"] > 0.6
+    before, after = r["before"], r["after"]
+    # Measured: Dice about 0.15-0.2 -> 0.54-0.55, clDice 0.15-0.2 -> 0.59-0.62 at every stage.
+    for metric in ("val/dice", "val/cldice"):
+        assert after[metric] > before[metric] + 0.2 and after[metric] > 0.4, (metric, before, after)
 
 
 @pytest.mark.parametrize("stage", ["1", "2", "3"])

@@ -1,6 +1,7 @@
 """mm-shards: turn raw data into the WebDataset shards every trainer reads.
 
   mm-shards synthetic --out data/shapes --num-samples 2000
+  mm-shards synthetic --world vessels --out data/vessels --num-samples 500
   mm-shards folder --images imgs/ --captions captions.csv --out data/pairs
   mm-shards coco --annotations captions_val2017.json --images val2017/ --out data/coco --scene-graphs auto
   mm-shards seg --images DRIVE/training/images --masks DRIVE/training/1st_manual --out data/drive
@@ -21,11 +22,12 @@ from mm.data.shards import (
     write_image_text_shards,
     write_segmentation_shards,
 )
-from mm.data.synthetic import CLASSNAMES, write_shapes_world
-from mm.errors import cli_main
+from mm.data.synthetic import CLASSNAMES, write_shapes_world, write_vessels
+from mm.errors import UserError, cli_main
 from mm.scenegraph.parse import INSTALL_HINT, PARSERS
 
 _SHOWN_SKIPS = 10
+WORLDS = ("shapes", "vessels")
 
 _DESCRIPTION = """\
 Write WebDataset shards named OUT/PREFIX-000000.tar, OUT/PREFIX-000001.tar, ...
@@ -42,21 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
-        "synthetic", help="the synthetic shapes world (demo and tests)",
-        description="Coloured shapes on a dark background, alone (labelled with one of "
+        "synthetic", help="the synthetic shapes or vessels world (demo and tests)",
+        description="shapes: coloured shapes on a dark background, alone (labelled with one of "
                     f"{len(CLASSNAMES)} classes such as '{CLASSNAMES[0]}') or two in a spatial relation, "
-                    "with captions, scene graphs and masks. Deterministic for a given seed.")
-    p.add_argument("--num-samples", type=int, default=2000, help="number of scenes (default 2000)")
+                    "with captions, scene graphs and masks. vessels: segmentation only, 2-5 thin "
+                    "branching curves (1-3 px) on a dark reddish fundus-like background, with their "
+                    "masks. Deterministic for a given seed.")
+    p.add_argument("--world", choices=WORLDS, default="shapes", help="which world (default shapes)")
+    p.add_argument("--num-samples", type=int, default=2000, help="number of samples (default 2000)")
     p.add_argument("--image-size", type=int, default=64,
                    help="image side in pixels, at least 32 (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
-    p.add_argument("--single-fraction", type=float, default=0.5,
-                   help="share of single-object scenes; the rest show two related objects (default 0.5)")
+    p.add_argument("--single-fraction", type=float,
+                   help="shapes only: share of single-object scenes; the rest show two related objects "
+                        "(default 0.5)")
     p.add_argument("--balanced", action="store_true",
-                   help="write a zero-shot evaluation set instead: single labelled objects, every class "
-                        f"equally often (--num-samples must be a multiple of {len(CLASSNAMES)}); use "
+                   help="shapes only: write a zero-shot evaluation set instead: single labelled objects, "
+                        f"every class equally often (--num-samples must be a multiple of {len(CLASSNAMES)}); use "
                         "another --seed than the training set")
-    _add_output_options(p, prefix="shapes", shard_size=500, images=False)
+    _add_output_options(p, prefix="", shard_size=500, images=False, default_prefix="the world's name")
 
     p = commands.add_parser(
         "folder", help="an image folder and a CSV or JSONL captions file",
@@ -109,11 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_output_options(p: argparse.ArgumentParser, prefix: str, shard_size: int, images: bool) -> None:
+def _add_output_options(p: argparse.ArgumentParser, prefix: str, shard_size: int, images: bool,
+                        default_prefix: str = "<dataset>-<split>") -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--shard-size", type=int, default=shard_size,
                    help=f"samples per shard (default {shard_size})")
-    p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix or '<dataset>-<split>'})")
+    p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix or default_prefix})")
     if images:
         p.add_argument("--reencode", choices=ENCODINGS,
                        help="re-encode every image in this format; default: keep the original bytes "
@@ -141,8 +148,17 @@ def _run(args: argparse.Namespace) -> ShardReport:
     common = {"shard_size": args.shard_size, "prefix": args.prefix, "overwrite": args.overwrite,
               "progress": progress}
     if args.command == "synthetic":
-        shards = write_shapes_world(args.out, args.num_samples, image_size=args.image_size, seed=args.seed,
-                                    single_fraction=args.single_fraction, balanced=args.balanced, **common)
+        common["prefix"] = args.prefix or args.world
+        if args.world == "vessels":
+            if args.single_fraction is not None or args.balanced:
+                raise UserError("--single-fraction and --balanced apply to --world shapes only")
+            shards = write_vessels(args.out, args.num_samples, image_size=args.image_size, seed=args.seed,
+                                   **common)
+        else:
+            single = 0.5 if args.single_fraction is None else args.single_fraction
+            shards = write_shapes_world(args.out, args.num_samples, image_size=args.image_size,
+                                        seed=args.seed, single_fraction=single, balanced=args.balanced,
+                                        **common)
         return ShardReport(written=args.num_samples, shards=shards)
     if args.command == "folder":
         return write_image_text_shards(args.images, args.captions, args.out, reencode=args.reencode,

@@ -5,6 +5,9 @@ clear spatial relation ("a red circle to the left of a blue square"), on a dark,
 background. Shapes are solid, colours saturated and far apart: the point is a signal a model can pick
 up in minutes, not realism. Every sample also carries the union of its shapes as a binary mask, so the
 same shards serve segmentation, and a scene graph for structure-aware training.
+
+The vessels world (render_vessels, write_vessels, at the end) is segmentation only: thin branching
+curves on a fundus-like background, for thin-structure (clDice) tests and demos without DRIVE.
 """
 
 from __future__ import annotations
@@ -154,5 +157,80 @@ def write_shapes_world(out_dir: str | os.PathLike, num_samples: int, image_size:
                                  label=i % len(CLASSNAMES) if balanced else None)
             yield {"__key__": f"{i:08d}", "png": png_bytes(scene.image), "mask.png": png_bytes(scene.mask),
                    "txt": scene.caption.encode("utf-8"), "json": json.dumps(scene.metadata()).encode("utf-8")}
+
+    return write_samples(samples(), out_dir, prefix, shard_size, overwrite)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The vessels world: thin curves for segmentation.
+#
+# Filled shapes never test what TopoLoRA-SAM's clDice is for: structures one to three pixels wide whose
+# connectivity a blob-shaped prediction breaks. These fundus-like images give thin-structure tests and
+# demos such a target without downloading DRIVE.
+
+_FUNDUS_RGB = np.array([95.0, 32.0, 14.0])  # dark orange-red background, brightest at the centre
+_VESSEL_RGB = np.array([235.0, 140.0, 90.0])  # brighter and paler than the background
+_CURVES = (2, 5)
+_WIDTHS = (1, 3)
+
+
+def render_vessels(rng: random.Random, image_size: int) -> tuple[Image.Image, Image.Image, int]:
+    """One fundus-like image (RGB), its curve mask (L, 255 on exactly the curve pixels) and the number
+    of curves: 2-5 smooth cubic Bezier curves 1-3 px wide on a dark, noisy, vignetted reddish
+    background; each curve after the first branches off an earlier one with probability 1/2."""
+    s = image_size
+    strength = Image.new("L", (s, s), 0)  # per-pixel curve brightness, 0 off the curves
+    draw = ImageDraw.Draw(strength)
+    curves: list[np.ndarray] = []
+    widths: list[int] = []
+    for _ in range(rng.randint(*_CURVES)):
+        if curves and rng.random() < 0.5:  # a branch: start on an earlier curve, a pixel thinner
+            parent = rng.randrange(len(curves))
+            start = curves[parent][rng.randrange(len(curves[parent]))]
+            width = max(_WIDTHS[0], widths[parent] - 1)
+        else:
+            start = _point(rng, s)
+            width = rng.randint(*_WIDTHS)
+        end = _point(rng, s)
+        while np.hypot(*(end - start)) < 0.4 * s:  # long enough to look like a vessel, not a blob
+            end = _point(rng, s)
+        # Inner control points near the chord, pushed sideways: a gentle bend, never a hairpin.
+        chord, normal = end - start, np.array([start[1] - end[1], end[0] - start[0]])
+        c1, c2 = (start + f * chord + rng.uniform(-0.3, 0.3) * normal for f in (1 / 3, 2 / 3))
+        t = np.linspace(0.0, 1.0, 4 * s)[:, None]
+        points = (1 - t) ** 3 * start + 3 * (1 - t) ** 2 * t * c1 + 3 * (1 - t) * t ** 2 * c2 + t ** 3 * end
+        draw.line([tuple(p) for p in points], fill=rng.randint(150, 255), width=width, joint="curve")
+        curves.append(points)
+        widths.append(width)
+
+    noise = np.random.default_rng(rng.getrandbits(64))
+    yy, xx = np.mgrid[0:s, 0:s] / (s - 1) - 0.5
+    vignette = 1.0 - 1.2 * (xx ** 2 + yy ** 2)
+    background = _FUNDUS_RGB * vignette[..., None] + noise.normal(0, 5, (s, s, 3))
+    alpha = np.asarray(strength, dtype=np.float64)[..., None] / 255 * noise.uniform(0.85, 1.0, (s, s, 1))
+    pixels = np.where(alpha > 0, _VESSEL_RGB * alpha + background * (1 - alpha) * 0.3, background)
+    mask = Image.fromarray(np.where(np.asarray(strength) > 0, 255, 0).astype(np.uint8))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), mask, len(curves)
+
+
+def _point(rng: random.Random, s: int) -> np.ndarray:
+    return np.array([rng.uniform(0, s - 1), rng.uniform(0, s - 1)])
+
+
+def write_vessels(out_dir: str | os.PathLike, num_samples: int, image_size: int = 64, seed: int = 0,
+                  shard_size: int = 500, prefix: str = "vessels", overwrite: bool = False,
+                  progress: bool = False) -> list[str]:
+    """Write vessel-like segmentation shards (png, mask.png 0/255, json {"curves": n}), the layout
+    TopoLoRA-SAM reads; returns the shard paths. Sample i depends only on (seed, i)."""
+    if num_samples < 1:
+        raise UserError(f"number of samples must be at least 1, got {num_samples}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"image size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+
+    def samples() -> Iterator[dict[str, bytes]]:
+        for i in tqdm(range(num_samples), desc="images", unit="img", disable=not progress):
+            image, mask, curves = render_vessels(random.Random(f"vessels:{seed}:{i}"), image_size)
+            yield {"__key__": f"{i:08d}", "png": png_bytes(image), "mask.png": png_bytes(mask),
+                   "json": json.dumps({"curves": curves}).encode("utf-8")}
 
     return write_samples(samples(), out_dir, prefix, shard_size, overwrite)

@@ -1,5 +1,6 @@
 """Run by tests/test_topolora_task.py under `torchrun --nproc_per_node 2`: a tiny TopoLoRA-SAM trained on
-the shapes world under each given ZeRO stage; validation before and after, and the export reloaded.
+segmentation shards (the test writes thin vessel-like curves) under each given ZeRO stage; validation
+before and after, and the export reloaded.
 Stages listed in BASE_STAGES train from a base SAM checkpoint (a random tiny SAM saved by rank 0), so
 their export is trainable-only (train.export auto); those exports are also merged with mm-merge-lora.
 Writes a JSON of measurements for the test.
