@@ -2,16 +2,20 @@
 # The main job end to end on the embedded default, on the CPU: synthetic shapes-world shards -> every
 # trainer (CLIP baseline, FILIP, Structure-CLIP, STRUCTURE, TopoLoRA-SAM) trained by 2 ranks under the
 # deepspeed launcher with ZeRO-2 -> exported weights -> zero-shot classification, compositional swaps
-# or segmentation Dice on held-out data.
+# or segmentation Dice and clDice (synthetic thin vessels) on held-out data.
 source "$(dirname "$0")/setup.sh"
 export HF_HUB_DISABLE_PROGRESS_BARS=1  # transformers' per-load weight bar would interleave with the results
 DATA=data/demo
-shards() {  # out_dir, then mm-shards synthetic options; written once
-  [ -f "$1/shapes-000000.tar" ] || mm-shards synthetic --out "$@" --image-size 32 --overwrite > /dev/null
+shards() {  # world, out_dir, then mm-shards synthetic options; written once
+  local world=$1 out=$2; shift 2
+  [ -f "$out/$world-000000.tar" ] ||
+    mm-shards synthetic --world "$world" --out "$out" "$@" --image-size 32 --overwrite > /dev/null
 }
-shards "$DATA/train" --num-samples 6000 --shard-size 500 --seed 0
-shards "$DATA/val" --num-samples 240 --balanced --seed 1       # zero-shot: 12 classes, 20 images each
-shards "$DATA/heldout" --num-samples 500 --seed 7              # compositional swaps, unseen scenes
+shards shapes "$DATA/train" --num-samples 6000 --shard-size 500 --seed 0
+shards shapes "$DATA/val" --num-samples 240 --balanced --seed 1       # zero-shot: 12 classes, 20 images each
+shards shapes "$DATA/heldout" --num-samples 500 --seed 7              # compositional swaps, unseen scenes
+shards vessels "$DATA/vessels-train" --num-samples 2000 --shard-size 250 --seed 0  # thin curves + masks
+shards vessels "$DATA/vessels-val" --num-samples 48 --seed 1
 
 train() {  # task, config, extra arguments: train from scratch, print the final result line
   local task=$1 config=$2; shift 2
@@ -26,7 +30,9 @@ train filip configs/filip/tiny.yaml
 # Structure-CLIP fine-tunes a trained CLIP, as the paper does: here the CLIP just trained.
 train structure_clip configs/structure_clip/tiny.yaml --set train.steps=100 \
   --set model.pretrained=runs/demo-clip/export/model.safetensors
-train topolora_sam configs/topolora_sam/tiny.yaml
+# TopoLoRA-SAM segments thin structures: the vessels world, validated by Dice and clDice.
+train topolora_sam configs/topolora_sam/tiny.yaml --set "data.train=$DATA/vessels-train/vessels-{000000..000007}.tar" \
+  --set "data.val=$DATA/vessels-val/vessels-000000.tar"
 
 # STRUCTURE: a random frozen ViT stands in for DINOv2; the text encoder is the real all-MiniLM-L6-v2,
 # installed as a wheel (nothing comes from a hub). Cache every layer once, pick the best layer pair,
