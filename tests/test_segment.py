@@ -328,26 +328,6 @@ def test_output_folder_not_writable(tmp_path, export, capsys):
     assert_error(code, err, str(tmp_path / "file" / "out"), "not writable")
 
 
-def test_base_checkpoint_is_passed_only_where_supported(tmp_path, monkeypatch):
-    import mm.engine.checkpoint as ckpt
-
-    seen = {}
-
-    def with_base(path, expect_task=None, base_checkpoint=None):
-        seen["base"] = base_checkpoint
-        return None, "cfg", torch.nn.Identity()
-
-    def without_base(path, expect_task=None):
-        return None, "cfg", torch.nn.Identity()
-
-    monkeypatch.setattr(ckpt, "load_exported", with_base)
-    assert segment.load_model("x.safetensors", "sam_vit_b.pth")[0] == "cfg" and seen["base"] == "sam_vit_b.pth"
-    monkeypatch.setattr(ckpt, "load_exported", without_base)
-    assert segment.load_model("x.safetensors")[0] == "cfg"
-    with pytest.raises(segment.UserError, match="--base-checkpoint"):
-        segment.load_model("x.safetensors", "sam_vit_b.pth")
-
-
 def test_command_line_script_reports_one_line(tmp_path, export):
     Image.fromarray(rgb(20, 30)).save(tmp_path / "x.png")
     proc = subprocess.run([sys.executable, "eval/segment.py", "--checkpoint", str(tmp_path / "none.safetensors"),

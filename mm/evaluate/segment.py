@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import inspect
 import io
 import json
 import math
@@ -132,13 +131,7 @@ def load_model(checkpoint: str, base_checkpoint: str | None = None) -> tuple[Any
     base_checkpoint is the SAM checkpoint a trainable-only export was trained from."""
     from mm.engine.checkpoint import load_exported
 
-    kwargs = {}
-    if base_checkpoint:
-        if "base_checkpoint" not in inspect.signature(load_exported).parameters:
-            raise UserError("--base-checkpoint: this version of mm loads full exports only (they hold "
-                            "the SAM weights themselves); leave it out")
-        kwargs["base_checkpoint"] = base_checkpoint
-    _, cfg, model = load_exported(checkpoint, expect_task="topolora_sam", **kwargs)
+    _, cfg, model = load_exported(checkpoint, expect_task="topolora_sam", base_checkpoint=base_checkpoint)
     return cfg, model
 
 

@@ -85,6 +85,7 @@ def main(train: str, val: str, out: str, stages: list[int], steps: int, base_sta
             "losses": [r["loss"] for r in losses if "loss" in r],
             "export_output_diff": (trained - exported).abs().max().item(),
             "bad_samples": res["bad_counts"].get("total", 0),
+            "export": str(res["export"]),
         }
     if rank == 0:
         Path(out, "results.json").write_text(json.dumps(results))
