@@ -35,6 +35,16 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
         raise UserError(f"{option} {path}: cannot write there ({existing} is not writable)")
 
 
+def write_output_file(path: str | os.PathLike, text: str) -> None:
+    """Write a command's result file whole or not at all (a temporary name, then a rename), so a run
+    stopped half-way never leaves a truncated JSON that looks like a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _one_line(e: Exception) -> str:
     """The user's message, also when torch's DataLoader re-raised it wrapped in a worker traceback."""
     text = str(e).strip()

@@ -57,3 +57,25 @@ def test_help_explains(flag):
     for script in ("train/clip.py", "eval/zeroshot.py", "-m mm.data.cli"):
         proc = run(*script.split(), flag)
         assert proc.returncode == 0 and "usage" in proc.stdout.lower()
+
+
+def test_result_files_are_written_whole(tmp_path, monkeypatch):
+    """Evaluators' --output goes through write_output_file: a temporary name, then a rename, so a run
+    stopped while writing leaves the previous file (or none), never a truncated one."""
+    import os
+
+    from mm.errors import write_output_file
+
+    target = tmp_path / "new" / "metrics.json"
+    write_output_file(target, '{"acc1": 0.5}\n')
+    assert target.read_text() == '{"acc1": 0.5}\n' and os.listdir(target.parent) == ["metrics.json"]
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    try:
+        write_output_file(target, '{"acc1": 0.9}\n')
+    except KeyboardInterrupt:
+        pass
+    assert target.read_text() == '{"acc1": 0.5}\n'

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mm.errors import DataError, UserError, cli_main
+from mm.errors import DataError, UserError, cli_main, write_output_file
 from mm.evaluate.models import add_model_arguments
 
 
@@ -350,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": results}
     text = json.dumps(record)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+        write_output_file(args.output, text + "\n")
     print(f"compositional {loaded.task} ({loaded.source})")
     print(table(results))
     print(text)
