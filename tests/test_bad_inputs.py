@@ -175,6 +175,9 @@ CASES = [
          ["--checkpoint", "{export}", "--sugarcrepe", "{txt}"], ["notes.txt", "not valid JSON"]),
     Case("compositional-aro-not-a-list", "mm-compositional",
          ["--checkpoint", "{export}", "--aro-relation", "{json_dict}"], ["dict.json", "list"]),
+    Case("compositional-unknown-parser", "mm-compositional",
+         ["--checkpoint", "{export}", "--synthetic-shapes", "{val}", "--parser", "fancy", "--output", "{t}/c.json"],
+         ["--parser must be one of auto, spacy, simple", "fancy"], ["{t}/c.json"]),
     Case("compositional-min-pair-items-zero", "mm-compositional",
          ["--checkpoint", "{export}", "--synthetic-shapes", "{val}", "--min-pair-items", "0"], [">= 1"]),
     # --- mm-segment, mm-merge-lora, mm-structure

@@ -196,3 +196,52 @@ def test_scene_graphs_spacy_without_model_writes_nothing(tmp_path, no_model, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --scene-graphs spacy needs spaCy") and INSTALL_HINT in err[0]
     assert not out.exists()
+
+
+# --- mm-compositional --parser -----------------------------------------------------------------------
+
+
+def test_compositional_kee_reads_captions_with_the_chosen_parser(with_model, tmp_path):
+    from mm.evaluate.compositional import evaluate
+    from mm.models.clip import clip_preprocess, clip_tokenizer
+    from mm.models.kee import encode_triples
+
+    task = get_task("structure_clip")
+    cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY, task.config_class)
+    torch.manual_seed(0)
+    model = task.build_model(cfg, load_pretrained=False).eval()
+    tok, pre = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+    spacy_parse = caption_parser(resolve_parser("auto", "--parser"))
+    with torch.no_grad():
+        got = model.encode_captions([CAPTION], tok, spacy_parse)[0]
+        ids, mask = encode_triples(SPACY_GRAPH.triples(), tok, cfg.model.max_triples, cfg.model.triple_tokens)
+        want = model.encode_text_with_triples(tok([CAPTION]), ids[None], mask[None])[0]
+        simple = model.encode_captions([CAPTION], tok)[0]  # parse_simple by default
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, simple, atol=1e-4)
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "0.png")
+    negative = "a red car above a traffic light"
+    (tmp_path / "swap_obj.json").write_text(json.dumps(
+        {"0": {"filename": "0.png", "caption": CAPTION, "negative_caption": negative}}))
+    seen = []
+
+    def spy(text: str) -> SceneGraph:
+        seen.append(text)
+        return SPACY_GRAPH if text == CAPTION else parse_simple(text)
+
+    evaluate(model, tok, pre, sugarcrepe=[str(tmp_path / "swap_obj.json")], images=str(tmp_path), kee=True,
+             parse=spy)
+    assert seen == [CAPTION, negative]
+
+
+def test_compositional_parser_spacy_without_model_fails_first(tmp_path, no_model, capsys):
+    from mm.evaluate.compositional import main as compositional_main
+
+    output = tmp_path / "c.json"
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint does not exist: the parser is checked first
+        compositional_main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--synthetic-shapes",
+                            str(tmp_path / "none.tar"), "--parser", "spacy", "--output", str(output)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --parser spacy needs spaCy") and INSTALL_HINT in err[0]
+    assert not output.exists()

@@ -6,7 +6,8 @@ the cosine of encode_image and encode_text; an item is correct when the true cap
 higher (a tie is wrong). Any model with encode_image / encode_text works (CLIP, FILIP pooled,
 Structure-CLIP, whose encode_text is the plain text tower). `--kee` scores a Structure-CLIP model's
 captions with its Knowledge-Enhanced Encoder instead, each caption fused with the triples of its own
-scene graph (parsed from the caption), as the authors' code evaluates VG-Relation / VG-Attribution.
+scene graph (parsed from the caption by --parser), as the authors' code evaluates VG-Relation /
+VG-Attribution.
 
 * SugarCrepe: json {id: {"filename", "caption", "negative_caption"}}, one file per perturbation type
   (the file stem, e.g. swap_att.json -> swap_att); accuracy per type.
@@ -15,8 +16,8 @@ scene graph (parsed from the caption), as the authors' code evaluates VG-Relatio
 * ARO VG-Attribution: same with "attributes" (the attribute pair); accuracy per pair, averaged over
   pairs with at least --min-pair-items (25) items.
   ARO items with bbox_x/bbox_y/bbox_w/bbox_h are cropped to that box, as ARO does.
-* Synthetic shapes: for each shard sample's scene graph (json `scene_graph`, else parse_simple of the
-  caption), the true caption is the graph rendered, the false ones its relation swaps (shapes_relation)
+* Synthetic shapes: for each shard sample's scene graph (json `scene_graph`, else the caption read by
+  --parser), the true caption is the graph rendered, the false ones its relation swaps (shapes_relation)
   and attribute swaps (shapes_attribute) from mm.scenegraph; accuracy overall and per predicate.
 """
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from mm.errors import DataError, UserError, cli_main, write_output_file
 from mm.evaluate.models import add_model_arguments
+from mm.scenegraph.parse import caption_parser, describe_parser, parse_simple, resolve_parser
 
 
 @dataclass
@@ -75,13 +77,15 @@ def _load_image(item: Item, preprocess: Callable) -> torch.Tensor:
 
 @torch.no_grad()
 def score_items(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, items: Sequence[Item],
-                batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False) -> torch.Tensor:
+                batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False,
+                parse: Callable[[str], Any] = parse_simple) -> torch.Tensor:
     """(N, 2) cosine similarities: column 0 the true caption's, column 1 the false caption's.
 
-    kee: captions through the model's encode_captions (Structure-CLIP's KEE) instead of encode_text."""
+    kee: captions through the model's encode_captions (Structure-CLIP's KEE), each with the triples of
+    its own graph as `parse` reads it, instead of encode_text."""
     def encode(captions: list[str]) -> torch.Tensor:
         if kee:
-            return model.encode_captions(captions, tokenizer)
+            return model.encode_captions(captions, tokenizer, parse)
         return model.encode_text(tokenizer(captions).to(device))
 
     was_training = model.training
@@ -189,9 +193,11 @@ def macro_average(per_group: dict[str, dict[str, float]], min_items: int = 0) ->
     return (sum(accs) / len(accs) if accs else float("nan")), len(accs)
 
 
-def shapes_items(urls: str, preprocess: Callable, tokenizer: Callable) -> tuple[list[Item], list[Item], int]:
+def shapes_items(urls: str, preprocess: Callable, tokenizer: Callable,
+                 parse: Callable[[str], Any] = parse_simple) -> tuple[list[Item], list[Item], int]:
     """Relation-swap and attribute-swap items from shapes-world shards (one item per distinct swap) and
-    the number of images read. Groups: the swapped predicate / "attribute"."""
+    the number of images read. Groups: the swapped predicate / "attribute". A sample without a json
+    scene graph is read with `parse`."""
     from mm.data.image_text import image_text_map
     from mm.data.loader import Loader, StreamSpec, default_collate
     from mm.scenegraph.negatives import attribute_swap, relation_swap
@@ -203,7 +209,7 @@ def shapes_items(urls: str, preprocess: Callable, tokenizer: Callable) -> tuple[
     for batch in Loader(spec):
         for image, caption, meta in zip(batch["image"], batch["caption"], batch["meta"]):
             n_images += 1
-            graph = sample_graph(meta, caption)
+            graph = sample_graph(meta, caption, parse)
             if not graph:
                 continue
             positive = graph.render()
@@ -234,16 +240,18 @@ def _swappable_relations(graph) -> list:
 def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, *,
              sugarcrepe: Iterable[str] = (), aro_relation: str | None = None, aro_attribute: str | None = None,
              images: str | None = None, synthetic_shapes: str | None = None, min_pair_items: int = 25,
-             batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False) -> dict[str, Any]:
+             batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False,
+             parse: Callable[[str], Any] = parse_simple) -> dict[str, Any]:
     """Metrics per benchmark: sugarcrepe {type: {acc, n}}; vg_relation {acc (macro over relations),
     micro_acc, n, n_groups, per_relation}; vg_attribution {acc (mean over pairs with >= min_pair_items),
     micro_acc, n, n_groups, per_pair}; shapes_relation / shapes_attribute {acc, n, per_predicate}.
-    kee: score captions with the model's encode_captions (Structure-CLIP's KEE)."""
+    kee: score captions with the model's encode_captions (Structure-CLIP's KEE).
+    parse: caption -> scene graph, for --kee triples and shapes samples without a json graph."""
     if kee and not hasattr(model, "encode_captions"):
         raise UserError("--kee needs a Structure-CLIP model (one with the Knowledge-Enhanced Encoder)")
 
     def run(items: list[Item]) -> torch.Tensor:
-        return correct(score_items(model, tokenizer, preprocess, items, batch_size, device, kee))
+        return correct(score_items(model, tokenizer, preprocess, items, batch_size, device, kee, parse))
 
     results: dict[str, Any] = {}
     for path in sugarcrepe:
@@ -262,7 +270,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, 
                          "n_groups": n_groups, "min_group_items": min_items,
                          ("per_relation" if kind == "relation" else "per_pair"): per_group}
     if synthetic_shapes:
-        relation, attribute, n_images = shapes_items(synthetic_shapes, preprocess, tokenizer)
+        relation, attribute, n_images = shapes_items(synthetic_shapes, preprocess, tokenizer, parse)
         if not n_images:
             raise DataError(f"{synthetic_shapes}: no readable samples")
         for name, items in (("shapes_relation", relation), ("shapes_attribute", attribute)):
@@ -320,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kee", action="store_true",
                    help="Structure-CLIP: score each caption with the Knowledge-Enhanced Encoder and the triples of "
                         "its own scene graph (parsed from the caption) instead of the plain text tower")
+    p.add_argument("--parser", default="auto", metavar="{auto,spacy,simple}",
+                   help="how a caption becomes a scene graph (--kee triples; shapes samples without a json "
+                        "graph): spaCy dependency rules, the built-in simple parser, or auto (spaCy when "
+                        "en_core_web_sm is installed, as Structure-CLIP's loss.parser)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -335,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--synthetic-shapes")
     if args.min_pair_items < 1 or args.batch_size < 1:
         raise UserError("--min-pair-items and --batch-size must be >= 1")
+    parser = resolve_parser(args.parser, "--parser") if args.kee or args.synthetic_shapes else None
     from mm.evaluate.models import load_eval_model
 
     loaded = load_eval_model(args)
@@ -342,16 +355,21 @@ def main(argv: list[str] | None = None) -> int:
                        sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
                        aro_attribute=args.aro_attribute, images=args.images,
                        synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
-                       batch_size=args.batch_size, kee=args.kee)
+                       batch_size=args.batch_size, kee=args.kee,
+                       parse=caption_parser(parser) if parser else parse_simple)
     record = {"checkpoint": loaded.source, "model_task": loaded.task,
               "model": loaded.name, "task": "compositional",
               "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee else "cosine(encode_image, encode_text)")
               + "; correct = true caption strictly higher",
+              "parser": describe_parser(parser, args.parser) if parser else None,
               "results": results}
     text = json.dumps(record)
     if args.output:
         write_output_file(args.output, text + "\n")
     print(f"compositional {loaded.task} ({loaded.source})")
+    if parser:
+        print(f"captions without a json scene graph{' and --kee captions' if args.kee else ''} are parsed by "
+              f"{describe_parser(parser, args.parser)}")
     print(table(results))
     print(text)
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,15 +82,17 @@ class StructureClipModel(nn.Module):
         features = self.clip.encode_text(text, normalize=True)
         return features if self.kee is None else self.kee(features, triples, triple_mask)
 
-    def encode_captions(self, captions: Sequence[str], tokenizer: Callable) -> torch.Tensor:
-        """Captions scored with the KEE, each with the triples of its own scene graph (`parse_simple`
-        of the caption, so a caption and its swap are treated alike: caption -> graph -> triples).
-        (N, D), L2-normalised."""
+    def encode_captions(self, captions: Sequence[str], tokenizer: Callable,
+                        parse: Callable[[str], Any] | None = None) -> torch.Tensor:
+        """Captions scored with the KEE, each with the triples of its own scene graph (`parse` of the
+        caption, parse_simple by default, so a caption and its swap are treated alike: caption -> graph
+        -> triples). (N, D), L2-normalised."""
         from mm.scenegraph import parse_simple
 
+        parse = parse or parse_simple
         cfg = self.cfg
         device = next(self.parameters()).device
-        encoded = [encode_triples(parse_simple(c).triples(cfg.max_triples), tokenizer, cfg.max_triples,
+        encoded = [encode_triples(parse(c).triples(cfg.max_triples), tokenizer, cfg.max_triples,
                                   cfg.triple_tokens) for c in captions]
         triples = torch.stack([ids for ids, _ in encoded]).to(device)
         mask = torch.stack([m for _, m in encoded]).to(device)
