@@ -1,18 +1,27 @@
 """Typed configs: strict keys and types, dotted overrides, one-line errors naming key and file."""
 
+from pathlib import Path
+
 import pytest
 
 from mm.config import load_config, save_config
 from mm.errors import ConfigError
 from mm.tasks.clip import ClipRunConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/clip/tiny.yaml"
 
 
 def test_shipped_configs_load():
-    for path in ("configs/clip/tiny.yaml", "configs/clip/vit_b32.yaml"):
-        cfg = load_config(path, cls=ClipRunConfig)
-        assert cfg.task == "clip"
+    """Every shipped config parses with its task's schema (a misspelt key in one would fail here)."""
+    from mm.tasks import get_task
+
+    paths = sorted((ROOT / "configs").glob("*/*.yaml"))
+    assert len(paths) >= 11
+    for path in paths:
+        task = get_task(path.parent.name)
+        cfg = load_config(path, cls=task.config_class)
+        assert cfg.task == task.name, path
 
 
 def test_overrides_are_typed_and_nested():
