@@ -368,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         write_output_file(args.output, text + "\n")
     print(f"compositional {loaded.task} ({loaded.source})")
     if parser:
-        print(f"captions without a json scene graph{' and --kee captions' if args.kee else ''} are parsed by "
-              f"{describe_parser(parser, args.parser)}")
+        parsed = [what for what, on in (("shapes samples without a json scene graph", args.synthetic_shapes),
+                                        ("--kee captions", args.kee)) if on]
+        print(f"{' and '.join(parsed)} are parsed by {describe_parser(parser, args.parser)}")
     print(table(results))
     print(text)
     return 0
