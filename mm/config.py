@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mm.errors import ConfigError
+from mm.errors import ConfigError, write_text_atomic
 
 
 @dataclass
@@ -222,10 +222,7 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     # Written under a temporary name and renamed, so a killed run never leaves half a config behind.
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_json(cfg: Any) -> str:

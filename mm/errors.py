@@ -35,13 +35,16 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
         raise UserError(f"{option} {path}: cannot write there ({existing} is not writable)")
 
 
-def write_output_file(path: str | os.PathLike, text: str) -> None:
-    """Write a command's result file whole or not at all (a temporary name, then a rename), so a run
-    stopped half-way never leaves a truncated JSON that looks like a result."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file whole or not at all (a temporary name, synced, then a rename), so a run stopped
+    half-way never leaves a truncated result, config or checkpoint marker that looks complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # a checkpoint's "latest" marker must not outlive the files it names
     os.replace(tmp, path)
 
 

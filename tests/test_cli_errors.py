@@ -60,14 +60,14 @@ def test_help_explains(flag):
 
 
 def test_result_files_are_written_whole(tmp_path, monkeypatch):
-    """Evaluators' --output goes through write_output_file: a temporary name, then a rename, so a run
+    """Evaluators' --output goes through write_text_atomic: a temporary name, then a rename, so a run
     stopped while writing leaves the previous file (or none), never a truncated one."""
     import os
 
-    from mm.errors import write_output_file
+    from mm.errors import write_text_atomic
 
     target = tmp_path / "new" / "metrics.json"
-    write_output_file(target, '{"acc1": 0.5}\n')
+    write_text_atomic(target, '{"acc1": 0.5}\n')
     assert target.read_text() == '{"acc1": 0.5}\n' and os.listdir(target.parent) == ["metrics.json"]
 
     def interrupted(src, dst):
@@ -75,7 +75,7 @@ def test_result_files_are_written_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", interrupted)
     try:
-        write_output_file(target, '{"acc1": 0.9}\n')
+        write_text_atomic(target, '{"acc1": 0.9}\n')
     except KeyboardInterrupt:
         pass
     assert target.read_text() == '{"acc1": 0.5}\n'

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from mm.data.image_text import decode_image
 from mm.data.loader import Loader, SampleError, StreamSpec, default_collate
-from mm.errors import DataError, UserError
+from mm.errors import DataError, UserError, write_text_atomic
 from mm.models.encoders import (
     EncoderConfig,
     build_encoder,
@@ -149,9 +149,7 @@ def build_feature_cache(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls
     meta = {"identity": identity, "n": len(keys), "keys": keys, "parts": parts, "dtype": dtype,
             "vision_dims": list(vision.dims), "text_dims": list(text.dims),
             "duplicate_keys": duplicates, "bad_samples": loader.bad_counts}
-    tmp = out / (META + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(out / META)
+    write_text_atomic(out / META, json.dumps(meta))
     return meta
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mm.errors import UserError
+from mm.errors import UserError, write_text_atomic
 
 RUN_STATE = "mm_run_state.json"
 
@@ -64,9 +64,9 @@ def save(engine: Any, out_dir: str | Path, step: int, client_state: dict, keep: 
     torch.distributed.barrier()
     if engine.global_rank == 0:
         state = {"step": step, "task": task, "world_size": world_size, "model_config": model_config}
-        _atomic_write_text(root / tag / RUN_STATE, json.dumps(state))
+        write_text_atomic(root / tag / RUN_STATE, json.dumps(state))
         _fault_point("after_run_state", step)
-        _atomic_write_text(root / "latest", tag)
+        write_text_atomic(root / "latest", tag)
         tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
         # Older tags go only after the new one is complete; incomplete newer ones are never kept.
         for old in tags[: max(0, len(tags) - keep)]:
@@ -208,12 +208,3 @@ def load_exported(path: str | Path, expect_task: str | None = None, base_checkpo
         raise UserError(f"{path}: weights do not fit the {meta['mm_task']} model "
                         f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")
     return task, cfg, model.eval()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # the marker of a complete checkpoint must not outlive its own contents
-    os.replace(tmp, path)

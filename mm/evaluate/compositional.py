@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mm.errors import DataError, UserError, cli_main, write_output_file
+from mm.errors import DataError, UserError, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
 from mm.scenegraph.parse import caption_parser, describe_parser, parse_simple, resolve_parser
 
@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.min_pair_items < 1 or args.batch_size < 1:
         raise UserError("--min-pair-items and --batch-size must be >= 1")
     parser = resolve_parser(args.parser, "--parser") if args.kee or args.synthetic_shapes else None
+    parser_text = describe_parser(parser, args.parser) if parser else None
     from mm.evaluate.models import load_eval_model
 
     loaded = load_eval_model(args)
@@ -361,16 +362,16 @@ def main(argv: list[str] | None = None) -> int:
               "model": loaded.name, "task": "compositional",
               "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee else "cosine(encode_image, encode_text)")
               + "; correct = true caption strictly higher",
-              "parser": describe_parser(parser, args.parser) if parser else None,
+              "parser": parser_text,
               "results": results}
     text = json.dumps(record)
     if args.output:
-        write_output_file(args.output, text + "\n")
+        write_text_atomic(args.output, text + "\n")
     print(f"compositional {loaded.task} ({loaded.source})")
     if parser:
         parsed = [what for what, on in (("shapes samples without a json scene graph", args.synthetic_shapes),
                                         ("--kee captions", args.kee)) if on]
-        print(f"{' and '.join(parsed)} are parsed by {describe_parser(parser, args.parser)}")
+        print(f"{' and '.join(parsed)} are parsed by {parser_text}")
     print(table(results))
     print(text)
     return 0

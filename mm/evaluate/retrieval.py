@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from mm.errors import UserError, check_output_file, cli_main, write_output_file
+from mm.errors import UserError, check_output_file, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
 
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         record["bad_samples"] = bad
     text = json.dumps(record)
     if args.output:
-        write_output_file(args.output, text + "\n")
+        write_text_atomic(args.output, text + "\n")
     parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/"
                       f"{metrics[f'text_to_image_recall@{k}']:.3f}" for k in ks)
     print(f"retrieval {loaded.task} ({args.scoring}; image->text/text->image): {parts} on {n_images} images, "

@@ -8,6 +8,7 @@ import torch
 
 from mm.engine import checkpoint
 from mm.engine.checkpoint import RUN_STATE, checkpoint_root, latest_tag
+from mm.errors import write_text_atomic
 
 
 def make_tag(out_dir, step: int, complete: bool, files: bool = True) -> str:
@@ -59,7 +60,7 @@ def test_run_state_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError):
-        checkpoint._atomic_write_text(target, "new")
+        write_text_atomic(target, "new")
     assert target.read_text() == "old"
 
 
