@@ -9,7 +9,7 @@ depend on their values) at the same input size and train it with the same loss (
 0.5 soft clDice) and AdamW, in one plain PyTorch process (no DeepSpeed, no data loader: one fixed
 synthetic batch), so the difference is the model's trainable set alone:
 
-- topolora: LoRA (r 8, alpha 16, encoder MLPs) + spatial adapter + mask decoder train (METHODS.md 4);
+- topolora: LoRA (r 8, alpha 16, encoder MLPs) + spatial adapter + mask decoder train (docs/methods.md §4);
 - full: no LoRA, no adapter, every parameter of SAM trains (image encoder, prompt encoder, decoder).
 
 Each mode runs in a fresh subprocess. Time: the median and the best of the timed steps (forward,

@@ -1,6 +1,6 @@
 """FILIP's token-wise late-interaction contrastive loss, computed chunk by chunk so memory stays bounded.
 
-Definitions (METHODS.md §1, the paper's version). Tokens are L2-normalised per token, then
+Definitions (docs/methods.md §1, the paper's version). Tokens are L2-normalised per token, then
     S_ij[k, r]  = <v_ik, t_jr>                                     image i token k, text j token r
     s^I_ij      = mean over valid k of (max over valid r of S_ij[k, r])     image -> text
     s^T_ij      = mean over valid r of (max over valid k of S_ij[k, r])     text -> image

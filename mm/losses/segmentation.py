@@ -1,4 +1,4 @@
-"""Binary segmentation losses for TopoLoRA-SAM: BCE + soft Dice + soft clDice (METHODS.md §4).
+"""Binary segmentation losses for TopoLoRA-SAM: BCE + soft Dice + soft clDice (docs/methods.md §4).
 
 Every function takes logits of shape (B, 1, H, W) or (B, H, W), a float 0/1 target of the same size
 and an optional `valid` mask (field of view, nonzero = evaluate) of the same size; (B, H, W) and

@@ -1,5 +1,5 @@
 """STRUCTURE's loss: InfoNCE on the trained heads plus a regulariser that keeps each head's
-batch neighbourhood structure close to that of the frozen encoder it sits on (METHODS.md §3)."""
+batch neighbourhood structure close to that of the frozen encoder it sits on (docs/methods.md §3)."""
 
 from __future__ import annotations
 

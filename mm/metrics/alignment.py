@@ -1,5 +1,5 @@
 """Representation-alignment scores between two feature spaces of the same samples, used by
-STRUCTURE to choose which (vision layer, text layer) pair to align (METHODS.md §3)."""
+STRUCTURE to choose which (vision layer, text layer) pair to align (docs/methods.md §3)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def layer_alignment_matrix(vision_layers: list[torch.Tensor], text_layers: list[
                            normalize: bool = True) -> torch.Tensor:
     """(n_vision, n_text) float64 scores of every layer pair; each layer is (n, d) pooled features.
 
-    Rows are L2-normalised first as in METHODS.md (a no-op for mutual k-NN, which is cosine;
+    Rows are L2-normalised first as in docs/methods.md §3 (a no-op for mutual k-NN, which is cosine;
     it changes CKA). Per-layer work (neighbour lists, Gram norms) is done once, not per pair.
     """
     if metric not in METRICS:

@@ -1,4 +1,4 @@
-"""Frozen multi-layer encoders for STRUCTURE (METHODS.md §3): every layer's pooled features.
+"""Frozen multi-layer encoders for STRUCTURE (docs/methods.md §3): every layer's pooled features.
 
 - vision from timm (any model with `forward_intermediates`): ViTs give the CLS token of every block
   output before the final norm; models without a class token (CNNs, avg-pooled ViTs) give the spatial

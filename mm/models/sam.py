@@ -1,5 +1,5 @@
 """TopoLoRA-SAM: segment_anything's SAM, LoRA in the image encoder, a spatial conv adapter on the image
-embedding and a trainable mask decoder, decoding without prompts (METHODS.md section 4).
+embedding and a trainable mask decoder, decoding without prompts (docs/methods.md §4).
 
     model = build_topolora_sam(SamModelConfig(variant="vit_b", checkpoint="sam_vit_b_01ec64.pth"))
     x, resized_hw = prepare_image(batch_uint8, model.image_size)   # normalise, resize longest side, pad
@@ -224,7 +224,7 @@ class SpatialAdapter(nn.Module):
 
     Layout (C = 256, no conv biases): depthwise 3x3 (C * 9 = 2,304) -> 1x1 conv C->C (65,536) ->
     BatchNorm2d (weight + bias: 512; running stats are buffers) -> GELU -> 1x1 conv C->C (65,536),
-    zero-initialised, so the adapter starts as the identity. Total 133,888, METHODS.md's figure.
+    zero-initialised, so the adapter starts as the identity. Total 133,888 as published (docs/methods.md §4).
     """
 
     def __init__(self, channels: int = PROMPT_EMBED_DIM) -> None:

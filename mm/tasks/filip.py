@@ -1,4 +1,4 @@
-"""FILIP: token-wise late-interaction contrastive pretraining (METHODS.md §1) on the shared engine."""
+"""FILIP: token-wise late-interaction contrastive pretraining (docs/methods.md §1) on the shared engine."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""STRUCTURE on the shared engine (METHODS.md §3): heads over frozen pretrained encoders, trained on
+"""STRUCTURE on the shared engine (docs/methods.md §3): heads over frozen pretrained encoders, trained on
 cached features with InfoNCE(tau) + lambda_t (R_S(image) + R_S(text)) / 2.
 
 Workflow (`mm-structure`, mm/tasks/structure_cli.py): `cache` extracts every layer of both encoders

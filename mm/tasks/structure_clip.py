@@ -1,4 +1,4 @@
-"""Structure-CLIP (METHODS.md §2) on the shared engine: scene graphs, hard negatives, KEE, hinge loss.
+"""Structure-CLIP (docs/methods.md §2) on the shared engine: scene graphs, hard negatives, KEE, hinge loss.
 
 Each sample's scene graph is its json `scene_graph` when present (the shapes world and
 `mm-shards ... --scene-graphs` write one), else its caption parsed by `loss.parser`: `auto` (spaCy's

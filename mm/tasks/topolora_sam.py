@@ -1,4 +1,4 @@
-"""TopoLoRA-SAM on the shared engine (METHODS.md section 4): prompt-free SAM with LoRA in the image
+"""TopoLoRA-SAM on the shared engine (docs/methods.md §4): prompt-free SAM with LoRA in the image
 encoder, a spatial conv adapter and a trainable mask decoder, trained with BCE + soft Dice + soft clDice
 on segmentation shards (`key.png|jpg` + `key.mask.png` + optional `key.fov.png`).
 
