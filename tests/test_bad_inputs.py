@@ -243,11 +243,11 @@ def paths(shapes, tmp_path_factory) -> dict[str, str]:
                                                                    and "vision_cfg.width" not in o], ClipRunConfig)
     _export(build_clip(clip_cfg.model), t / "misfit.safetensors", "clip", wide)
 
-    seg = TopoLoraSamTask()
+    seg = TopoLoraSamTask
     seg_cfg = load_config(ROOT / "configs/topolora_sam/tiny.yaml",
                           ["model.encoder_embed_dim=32", "model.encoder_depth=1", "model.encoder_num_heads=2",
                            "model.encoder_global_attn_indexes=[0]", "model.image_size=32"], seg.config_class)
-    _export(seg.build_model(seg_cfg, load_pretrained=False), t / "seg.safetensors", "topolora_sam", seg_cfg)
+    _export(seg(seg_cfg).build_model(load_pretrained=False), t / "seg.safetensors", "topolora_sam", seg_cfg)
 
     # The model section exactly as the train cases resolve it, so the fake runs differ in one value only.
     model_cfg = dataclasses.asdict(load_config(ROOT / "configs/clip/tiny.yaml", CLIP_TINY, ClipRunConfig).model)
