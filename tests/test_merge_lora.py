@@ -212,3 +212,17 @@ def test_merge_errors_are_one_line(trained, tmp_path, capsys):
     clip = tmp_path / "clip.safetensors"
     save_export({"w": torch.zeros(1)}, clip, {"mm_task": "clip", "mm_config": "{}"})
     assert "expected 'topolora_sam'" in fails(str(clip), "--out", str(tmp_path / "m3.safetensors"))
+
+
+def test_mm_export_format_sam_writes_what_mm_merge_lora_writes(trained, tmp_path, capsys):
+    """`mm export EXPORT --format sam` is the old `mm-merge-lora EXPORT`: the same tensors, the same line."""
+    from mm.evaluate.export import main as export_main
+    from safetensors.torch import load_file
+
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    assert merge_main([str(trained["full"]), "--out", str(old)]) == 0
+    old_line = capsys.readouterr().out.replace(str(old), "OUT")
+    assert export_main([str(trained["full"]), "--format", "sam", "--out", str(new)]) == 0
+    assert capsys.readouterr().out.replace(str(new), "OUT") == old_line
+    a, b = load_file(str(old)), load_file(str(new))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
