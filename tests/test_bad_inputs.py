@@ -33,6 +33,8 @@ COMMANDS = {
     "mm-segment": "mm.evaluate.segment:main",
     "mm-merge-lora": "mm.evaluate.merge_lora:main",
     "mm-structure": "mm.tasks.structure_cli:main",
+    "mm-export": "mm.evaluate.export:main",
+    "mm": "mm.cli:mm_main",
 }
 
 
@@ -190,6 +192,15 @@ CASES = [
          ["clip"], ["{t}/merged.safetensors"]),
     Case("merge-lora-missing-export", "mm-merge-lora", ["{t}/none.safetensors", "--out", "{t}/merged.safetensors"],
          ["none.safetensors"], ["{t}/merged.safetensors"]),
+    Case("export-sam-of-a-clip-export", "mm-export", ["{export}", "--format", "sam", "--out", "{t}/m.safetensors"],
+         ["clip"], ["{t}/m.safetensors"]),
+    Case("export-sam-missing-export", "mm-export",
+         ["{t}/none.safetensors", "--format", "sam", "--out", "{t}/m.safetensors"], ["none.safetensors"],
+         ["{t}/m.safetensors"]),
+    # --- the same tools through `mm`
+    Case("mm-zeroshot-checkpoint-not-safetensors", "mm", ["zeroshot", "--checkpoint", "{txt}", "--data", "{val}"],
+         ["notes.txt"]),
+    Case("mm-train-missing-config", "mm", ["train", "clip", "--config", "{t}/nope.yaml"], ["nope.yaml", "cannot read"]),
     Case("structure-cache-misspelt-key", "mm-structure", ["cache", "--config", "{misspelt_yaml}"], ["optim.lrr"]),
     Case("structure-select-missing-config", "mm-structure", ["select", "--config", "{t}/nope.yaml"], ["nope.yaml"]),
 ]

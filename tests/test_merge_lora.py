@@ -14,12 +14,11 @@ import torch
 from safetensors import safe_open
 
 from mm.config import config_json, load_config
-from mm.exports import read_export_metadata, save_export
-from mm.tasks import load_exported
 from mm.errors import ConfigError, UserError
 from mm.evaluate.merge_lora import main as merge_main
+from mm.exports import read_export_metadata, save_export
 from mm.models.sam import SamModelConfig, build_sam, build_topolora_sam, merge_lora, prepare_image
-from mm.tasks import get_task
+from mm.tasks import get_task, load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"variant": "custom", "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
@@ -216,8 +215,9 @@ def test_merge_errors_are_one_line(trained, tmp_path, capsys):
 
 def test_mm_export_format_sam_writes_what_mm_merge_lora_writes(trained, tmp_path, capsys):
     """`mm export EXPORT --format sam` is the old `mm-merge-lora EXPORT`: the same tensors, the same line."""
-    from mm.evaluate.export import main as export_main
     from safetensors.torch import load_file
+
+    from mm.evaluate.export import main as export_main
 
     old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
     assert merge_main([str(trained["full"]), "--out", str(old)]) == 0

@@ -9,10 +9,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from mm.cli import COMMANDS, _strip_leading_local_rank, describe_config, mm_main

@@ -20,9 +20,9 @@ from mm.errors import UserError
 from mm.scenegraph import Relation, SceneGraph, SGObject, parse_simple
 from mm.scenegraph import parse as parse_module
 from mm.scenegraph.parse import INSTALL_HINT, caption_parser, resolve_parser
+from mm.scenegraph.samples import sample_graph
 from mm.tasks import get_task
 from mm.tasks import structure_clip as sc_module
-from mm.scenegraph.samples import sample_graph
 from mm.tasks.structure_clip import StructureClipLossConfig, check_loss_config
 
 ROOT = Path(__file__).resolve().parents[1]

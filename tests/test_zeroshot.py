@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from mm.data.classnames import load_classnames, load_templates
-from mm.errors import DataError
 from mm.data.streams import labelled_shard_batches
+from mm.errors import DataError
 from mm.metrics.zeroshot import build_classifier, classification_metrics, evaluate_zeroshot_batches
 from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer
 

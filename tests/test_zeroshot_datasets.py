@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from mm.data.classnames import load_classnames, load_templates
+from mm.data.streams import labelled_shard_batches
 from mm.errors import DataError
 from mm.evaluate.datasets import FolderDataset, ListDataset, dataset_kind, image_label_loader
-from mm.data.streams import labelled_shard_batches
 from mm.metrics.zeroshot import evaluate_zeroshot_batches
 from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer
 

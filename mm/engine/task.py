@@ -23,6 +23,9 @@ class World:
     size: int = 1
 
 
+ONE_RANK = World()
+
+
 @runtime_checkable
 class Batches(Protocol):
     """What the engine iterates: dict batches, a resumable position, and counts of skipped samples."""
@@ -67,7 +70,7 @@ class Task(Protocol):
 
     def build_model(self, load_pretrained: bool = True) -> torch.nn.Module: ...
 
-    def batches(self, split: str, world: World = World(), state: dict | None = None) -> Batches: ...
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Batches: ...
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]: ...
 

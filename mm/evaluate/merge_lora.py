@@ -42,8 +42,8 @@ def merge_export(export: str | Path, out: str | Path, base_checkpoint: str | Non
 
     from mm.config import config_json
     from mm.exports import read_export_metadata, save_export
-    from mm.tasks import load_exported
     from mm.models.sam import merge_lora
+    from mm.tasks import load_exported
 
     export, out = Path(export), Path(out)
     if out.exists() and not overwrite:

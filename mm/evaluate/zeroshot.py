@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
+    from mm.data.streams import labelled_shard_batches
     from mm.evaluate.datasets import SkipUnreadable, build_dataset, dataset_kind, image_label_loader
     from mm.evaluate.models import load_eval_model
-    from mm.data.streams import labelled_shard_batches
     from mm.metrics.zeroshot import SCORINGS, classification_metrics, confusion_matrix
 
     kind = dataset_kind(args.data)

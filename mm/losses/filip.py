@@ -26,6 +26,7 @@ token counts (the data layer pads captions to a fixed context length and images 
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -10,7 +10,7 @@ import torch
 
 from mm.config import RunConfig
 from mm.data.loader import check_local_shards
-from mm.engine.task import Batches, ExportPlan, World
+from mm.engine.task import ONE_RANK, Batches, ExportPlan, World
 
 
 class TaskBase:
@@ -40,7 +40,7 @@ class TaskBase:
     def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
         raise NotImplementedError
 
-    def batches(self, split: str, world: World = World(), state: dict | None = None) -> Batches:
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Batches:
         raise NotImplementedError
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from mm.config import RunConfig
 from mm.data.image_text import image_text_map
 from mm.data.loader import Loader
 from mm.data.streams import stream_from_config
-from mm.engine.task import World
+from mm.engine.task import ONE_RANK, World
 from mm.losses.contrastive import clip_loss
 from mm.models.clip import ClipModelConfig, build_clip, clip_outputs, clip_preprocess, clip_tokenizer
 from mm.tasks.base import TaskBase, zeroshot_metrics
@@ -33,7 +33,7 @@ class ClipTask(TaskBase):
     def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
         return build_clip(self.cfg.model, load_pretrained)
 
-    def batches(self, split: str, world: World = World(), state: dict | None = None) -> Loader:
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
         m = self.cfg.model
         sample_map = image_text_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m))
         return stream_from_config(self.cfg.data, split, sample_map, seed=self.cfg.train.seed, rank=world.rank,

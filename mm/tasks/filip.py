@@ -17,7 +17,7 @@ from mm.config import RunConfig
 from mm.data.image_text import image_text_map
 from mm.data.loader import Loader
 from mm.data.streams import stream_from_config
-from mm.engine.task import World
+from mm.engine.task import ONE_RANK, World
 from mm.errors import UserError
 from mm.losses.filip import FilipLoss
 from mm.models.clip import clip_preprocess, clip_tokenizer
@@ -66,7 +66,7 @@ class FilipTask(TaskBase):
     def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
         return FilipModel(self.cfg.model, load_pretrained)
 
-    def batches(self, split: str, world: World = World(), state: dict | None = None) -> Loader:
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
         m = self.cfg.model
         sample_map = image_text_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m))
         return stream_from_config(self.cfg.data, split, sample_map, seed=self.cfg.train.seed, rank=world.rank,

@@ -20,7 +20,7 @@ import torch
 from mm import dist as mmdist
 from mm.config import RunConfig
 from mm.data.feature_cache import FeatureCache, expected_identity
-from mm.engine.task import World
+from mm.engine.task import ONE_RANK, World
 from mm.errors import ConfigError, DataError
 from mm.losses.structure import DIVERGENCES, structure_loss
 from mm.models.encoders import build_encoder, identity_digest, resolve_layer
@@ -139,7 +139,7 @@ class StructureTask(TaskBase):
         model.attach_encoders(vision, text)
         return model
 
-    def batches(self, split: str, world: World = World(), state: dict | None = None) -> CachedFeatureBatches:
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> CachedFeatureBatches:
         cfg = self.cfg
         cache = open_checked_cache(cfg)
         v = resolve_layer(cfg.model.vision_layer, len(cache.vision_dims), "model.vision_layer")

@@ -26,7 +26,7 @@ from mm.config import RunConfig
 from mm.data.image_text import image_text_map
 from mm.data.loader import Loader
 from mm.data.streams import stream_from_config
-from mm.engine.task import World
+from mm.engine.task import ONE_RANK, World
 from mm.errors import UserError
 from mm.losses.structure_clip import BASES, structure_clip_loss
 from mm.models.clip import clip_preprocess, clip_tokenizer
@@ -133,7 +133,7 @@ class StructureClipTask(TaskBase):
                 self._reported = True
         return StructureClipModel(cfg.model, load_pretrained)
 
-    def batches(self, split: str, world: World = World(), state: dict | None = None) -> Loader:
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
         cfg, m = self.cfg, self.cfg.model
         sample_map = structure_clip_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m),
                                         list(cfg.loss.negatives), m.max_triples, m.triple_tokens,

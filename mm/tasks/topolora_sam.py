@@ -37,7 +37,7 @@ from mm.config import DataConfig, RunConfig, TrainConfig
 from mm.data.image_text import decode_image
 from mm.data.loader import Loader, SampleError
 from mm.data.streams import stream_from_config
-from mm.engine.task import ExportPlan, World
+from mm.engine.task import ONE_RANK, ExportPlan, World
 from mm.errors import ConfigError, UserError
 from mm.losses.segmentation import SegLoss
 from mm.metrics.segmentation import pool_metrics, segmentation_metrics
@@ -162,7 +162,7 @@ def seg_sample_map(image_size: int, data: SegDataConfig | None = None,
     return sample_map
 
 
-def seg_batches(cfg: TopoLoraRunConfig, split: str, world: World = World(), state: dict | None = None) -> Loader:
+def seg_batches(cfg: TopoLoraRunConfig, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
     """The shared loader over segmentation shards (mm.data.streams): endless and shuffled for 'train',
     one pass otherwise (every rank reads the whole val set)."""
     sample_map = seg_sample_map(cfg.model.image_size, cfg.data, split == "train")
@@ -227,7 +227,7 @@ class TopoLoraSamTask(TaskBase):
             self._reported = True
         return model
 
-    def batches(self, split: str, world: World = World(), state: dict | None = None) -> Loader:
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
         return seg_batches(self.cfg, split, world, state)
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
