@@ -118,7 +118,7 @@ def test_two_ranks_zero1_2_and_3_train_and_export(shapes, tmp_path):
 def test_fine_tunes_from_a_clip_export(task_cfg, tmp_path):
     """model.pretrained takes a CLIP run's export (the demo fine-tunes its CLIP this way): every CLIP
     weight is loaded, and the KEE's word embedding is a copy of the loaded one."""
-    from mm.engine.checkpoint import save_export
+    from mm.exports import save_export
     from mm.models.clip import build_clip
 
     task, cfg = task_cfg

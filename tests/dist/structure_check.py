@@ -33,7 +33,7 @@ def main(config: str, out: str, stages: list[int]) -> None:
         batch = next(iter(get_task(task.name, cfg).batches("train")))
         from mm.data.streams import labelled_shard_batches
 
-        tokenizer, preprocess = task.tokenizer_and_preprocess(cfg)
+        tokenizer, preprocess = get_task(task.name, cfg).eval_inputs()
         images = next(iter(labelled_shard_batches(preprocess, tokenizer, cfg.eval.zeroshot_data, 12, 8)))["image"]
         tokens = tokenizer(["a red circle", "a blue square above a green triangle"])
         with torch.no_grad():
