@@ -122,7 +122,7 @@ def worker(name: str, smoke: bool, data: Path, out: Path, result: Path) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    res = train(task, cfg)
+    res = train(get_task(task.name, cfg))
     wall = time.time() - t0
     records = [json.loads(line) for line in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r and r["step"] > (0 if smoke else WARMUP)]

@@ -7,7 +7,7 @@ Same model (one random-init open_clip CustomTextCLIP with a small inline ViT at 
 images, same class names and templates (the shapes world's 12 classes x 3 templates), same
 preprocess (open_clip's eval transform), same batch size and DataLoader workers, logits 100 x cos:
 
-  ours-shards: mm.metrics.zeroshot.evaluate_zeroshot over the shards through the shared loader;
+  ours-shards: mm.metrics.zeroshot.evaluate_zeroshot_batches over the shards through the shared loader;
   ours-folder: mm.evaluate.datasets.FolderDataset + image_label_loader + evaluate_zeroshot_batches
                over the same images written as an image folder (what mm-zeroshot does for a folder);
   open_clip:   open_clip's build_zero_shot_classifier, then open_clip_train.zero_shot.run (if
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mm.data.classnames import load_classnames, load_templates
     from mm.evaluate.datasets import FolderDataset, image_label_loader
-    from mm.metrics.zeroshot import evaluate_zeroshot, evaluate_zeroshot_batches
+    from mm.data.streams import labelled_shard_batches
+    from mm.metrics.zeroshot import evaluate_zeroshot_batches
     from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer
 
     if args.threads:
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         urls, folder = write_data(Path(tmp), args.num_images, args.image_size)
 
         def ours_shards():
-            return evaluate_zeroshot(model, tokenizer, preprocess, urls, classnames, templates,
-                                     args.batch_size, num_workers=args.workers)["acc1"]
+            batches = labelled_shard_batches(preprocess, tokenizer, urls, len(classnames), args.batch_size,
+                                             args.workers)
+            return evaluate_zeroshot_batches(model, tokenizer, batches, classnames, templates)["acc1"]
 
         def ours_folder():
             ds = FolderDataset(folder, preprocess, classnames)

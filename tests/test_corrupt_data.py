@@ -216,8 +216,8 @@ def export(tmp_path_factory):
     from safetensors.torch import save_file
 
     from mm.config import config_json, load_config
-    from mm.tasks.clip import ClipRunConfig
     from mm.models.clip import build_clip
+    from mm.tasks.clip import ClipRunConfig
 
     cfg = load_config(None, [o for o in CLIP_TINY if o.startswith("model.")], ClipRunConfig)
     torch.manual_seed(0)

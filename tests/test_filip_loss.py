@@ -16,8 +16,8 @@ from mm.losses.filip import (
     filip_similarity,
     filip_similarity_chunked,
     select_image_tokens,
-    text_token_mask,
 )
+from mm.models.filip import text_token_mask
 
 
 def naive_sims(v, vm, t, tm):

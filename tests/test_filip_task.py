@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from mm.config import load_config
 from mm.errors import UserError
 from mm.losses.filip import filip_loss
+from mm.metrics.zeroshot import tokenwise_logits
+from mm.models.filip import text_token_mask
 from mm.tasks import get_task
-from mm.tasks.filip import FilipRunConfig, tokenwise_logits, tokenwise_zeroshot
+from mm.tasks.filip import FilipRunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -23,15 +25,15 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def task_cfg():
-    task = get_task("filip")
-    return task, load_config(ROOT / "configs/filip/tiny.yaml", TINY, task.config_class)
+    cfg = load_config(ROOT / "configs/filip/tiny.yaml", TINY, FilipRunConfig)
+    return get_task("filip", cfg), cfg
 
 
 @pytest.fixture(scope="module")
 def model(task_cfg):
     task, cfg = task_cfg
     torch.manual_seed(0)
-    return task.build_model(cfg).eval()
+    return task.build_model().eval()
 
 
 def _texts(n: int = 4, length: int = 16) -> torch.Tensor:
@@ -47,9 +49,22 @@ def test_task_and_configs_build(task_cfg, model):
     assert cfg.model.embed_dim == 24 and cfg.train.out_dir == "runs/demo-filip"
     base = load_config(ROOT / "configs/filip/base.yaml", [], task.config_class)
     assert base.model.name == "ViT-B-32" and base.model.embed_dim == 256 and base.train.precision == "bf16"
-    with pytest.raises(UserError, match="gather_dtype"):
-        task.build_model(load_config(ROOT / "configs/filip/tiny.yaml", TINY + ["model.gather_dtype=fp8"],
-                                     task.config_class))
+    assert base.loss.gather_dtype == "bf16"
+    with pytest.raises(UserError, match="loss.gather_dtype"):
+        get_task("filip", load_config(ROOT / "configs/filip/tiny.yaml", TINY + ["loss.gather_dtype=fp8"],
+                                      task.config_class))
+
+
+def test_memory_settings_of_earlier_versions_are_read_as_loss_settings(tmp_path):
+    """A config written when chunk_size, gather_dtype and keep_image_tokens sat under `model:` loads with
+    them under `loss:`, and the task's loss module uses them."""
+    old = tmp_path / "old.yaml"
+    old.write_text("task: filip\nmodel:\n  embed_dim: 24\n  chunk_size: 3\n  gather_dtype: fp16\n"
+                   "  keep_image_tokens: 0.5\ndata:\n  image_size: 32\n")
+    cfg = load_config(old, [], FilipRunConfig)
+    assert (cfg.loss.chunk_size, cfg.loss.gather_dtype, cfg.loss.keep_image_tokens) == (3, "fp16", 0.5)
+    loss = get_task("filip", cfg).loss
+    assert (loss.chunk_size, loss.gather_dtype, loss.keep_image_tokens) == (3, torch.float16, 0.5)
 
 
 def test_every_parameter_trains_and_gets_a_gradient(task_cfg, model):
@@ -57,7 +72,7 @@ def test_every_parameter_trains_and_gets_a_gradient(task_cfg, model):
     assert all(p.requires_grad for p in model.parameters())
     model.zero_grad()
     torch.manual_seed(1)
-    losses = task.losses(model, {"image": torch.randn(4, 3, 32, 32), "text": _texts()})
+    losses = task.losses(model, {"image": torch.randn(4, 3, 32, 32), "text": _texts()}, 0)
     assert set(losses) == {"loss", "loss_i2t", "loss_t2i", "logit_scale"}
     assert all(v.ndim == 0 for v in losses.values())
     losses["loss"].backward()
@@ -95,8 +110,6 @@ def _loss(model, image, text):
 
 
 def test_pad_tokens_never_change_the_loss(model):
-    from mm.losses.filip import text_token_mask
-
     torch.manual_seed(2)
     image = torch.randn(4, 3, 32, 32)
     short = _texts(4, 12)
@@ -161,13 +174,15 @@ def test_tokenwise_zeroshot_equals_a_plain_reference(model, shapes):
     from mm.data.classnames import load_classnames, load_templates
     from mm.data.image_text import image_text_map
     from mm.data.loader import Loader, StreamSpec, default_collate
-    from mm.metrics.zeroshot import classification_metrics, labelled_map
+    from mm.data.streams import labelled_map, labelled_shard_batches
+    from mm.metrics.zeroshot import classification_metrics, evaluate_zeroshot_batches
     from mm.models.clip import clip_preprocess, clip_tokenizer
 
     cfg = load_config(ROOT / "configs/filip/tiny.yaml", TINY, FilipRunConfig).model
     tok, pre = clip_tokenizer(cfg), clip_preprocess(cfg, False)
     classnames, templates = load_classnames("shapes"), load_templates("shapes")
-    got = tokenwise_zeroshot(model, tok, pre, str(shapes["val"]), classnames, templates, batch_size=10)
+    batches = labelled_shard_batches(pre, tok, str(shapes["val"]), len(classnames), 10)
+    got = evaluate_zeroshot_batches(model, tok, batches, classnames, templates, scoring="tokenwise")
 
     spec = StreamSpec(urls=str(shapes["val"]), sample_map=labelled_map(image_text_map(pre, tok, False),
                                                                        len(classnames)),

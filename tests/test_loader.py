@@ -63,8 +63,9 @@ def test_endless_stream_reshuffles_each_epoch(shapes):
 
 
 def _corrupt_shard(path, n_good=30, n_bad=6):
-    from mm.data.synthetic import render_scene
     import random
+
+    from mm.data.synthetic import render_scene
 
     with tarfile.open(path, "w") as tar:
         for i in range(n_good + n_bad):
@@ -79,8 +80,9 @@ def _corrupt_shard(path, n_good=30, n_bad=6):
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
-    from mm.data.image_text import image_text_map
     import open_clip
+
+    from mm.data.image_text import image_text_map
 
     _corrupt_shard(tmp_path / "bad-000000.tar")
     sample_map = image_text_map(open_clip.image_transform(32, False), open_clip.tokenizer.SimpleTokenizer(context_length=16))

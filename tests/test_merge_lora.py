@@ -1,6 +1,6 @@
 """TopoLoRA-SAM trainable-only exports (what they hold, how they load, what they refuse) and mm-merge-lora.
 
-Exports are written here the way the trainer's export step writes them (Task.export_keys/export_metadata
+Exports are written here the way the trainer's export step writes them (Task.export_plan
 then the engine's save_export); tests/dist/topolora_check.py runs the trainer's own path under ZeRO 2/3.
 """
 
@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 
 from mm.config import config_json, load_config
-from mm.engine.checkpoint import load_exported, read_export_metadata, save_export
 from mm.errors import ConfigError, UserError
 from mm.evaluate.merge_lora import main as merge_main
+from mm.exports import read_export_metadata, save_export
 from mm.models.sam import SamModelConfig, build_sam, build_topolora_sam, merge_lora, prepare_image
-from mm.tasks import get_task
+from mm.tasks import get_task, load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"variant": "custom", "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
@@ -45,7 +45,7 @@ def _cfg(*overrides: str):
 def _trained_model(task, cfg):
     """The model as built for training, with every trainable part moved off its initial value."""
     torch.manual_seed(1)
-    model = task.build_model(cfg)
+    model = get_task(task.name, cfg).build_model()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -58,11 +58,12 @@ def _trained_model(task, cfg):
 
 def _write_export(task, cfg, model, path: Path) -> Path:
     """What the trainer's export step writes, from a module instead of a DeepSpeed checkpoint."""
-    keys = task.export_keys(model, cfg)
+    plan = get_task(task.name, cfg).export_plan(model)
+    keys = plan.keys
     meta = {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": "7",
             "mm_export": "full" if keys is None else "trainable"}
     if keys is not None:
-        meta.update(task.export_metadata(cfg))
+        meta.update(plan.metadata)
     state = model.state_dict()
     save_export(state if keys is None else {k: state[k] for k in keys}, path, meta)
     return path
@@ -141,12 +142,13 @@ def test_wrong_base_checkpoints_are_refused(trained, tmp_path):
 
 def test_export_kind_follows_the_base_checkpoint(trained):
     task, cfg = _cfg()  # the tiny config: random SAM, nothing to rebuild frozen weights from
-    model = task.build_model(cfg)
-    assert cfg.train.export == "auto" and task.export_keys(model, cfg) is None
+    model = get_task(task.name, cfg).build_model()
+    assert cfg.train.export == "auto" and get_task(task.name, cfg).export_plan(model).keys is None
+    # A bad train.export fails when the task is built from its config, before any training.
     with pytest.raises(ConfigError, match="train.export=trainable needs model.checkpoint"):
-        task.build_model(_cfg("train.export=trainable")[1])
+        get_task(task.name, _cfg("train.export=trainable")[1])
     with pytest.raises(ConfigError, match="train.export must be one of"):
-        task.build_model(_cfg("train.export=lora")[1])
+        get_task(task.name, _cfg("train.export=lora")[1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,3 +211,18 @@ def test_merge_errors_are_one_line(trained, tmp_path, capsys):
     clip = tmp_path / "clip.safetensors"
     save_export({"w": torch.zeros(1)}, clip, {"mm_task": "clip", "mm_config": "{}"})
     assert "expected 'topolora_sam'" in fails(str(clip), "--out", str(tmp_path / "m3.safetensors"))
+
+
+def test_mm_export_format_sam_writes_what_mm_merge_lora_writes(trained, tmp_path, capsys):
+    """`mm export EXPORT --format sam` is the old `mm-merge-lora EXPORT`: the same tensors, the same line."""
+    from safetensors.torch import load_file
+
+    from mm.evaluate.export import main as export_main
+
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    assert merge_main([str(trained["full"]), "--out", str(old)]) == 0
+    old_line = capsys.readouterr().out.replace(str(old), "OUT")
+    assert export_main([str(trained["full"]), "--format", "sam", "--out", str(new)]) == 0
+    assert capsys.readouterr().out.replace(str(new), "OUT") == old_line
+    a, b = load_file(str(old)), load_file(str(new))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

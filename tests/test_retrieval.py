@@ -137,12 +137,12 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def filip_exported(tmp_path_factory):
     from mm.config import config_json
-    from mm.models.filip import FilipModelConfig, build_filip
+    from mm.models.filip import FilipModel, FilipModelConfig
     from mm.tasks.filip import FilipRunConfig
 
     cfg = FilipModelConfig(arch=CFG.arch, embed_dim=24)
     torch.manual_seed(0)
-    model = build_filip(cfg).eval()
+    model = FilipModel(cfg).eval()
     path = tmp_path_factory.mktemp("filip") / "model.safetensors"
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     meta = {"mm_task": "filip", "mm_config": config_json(FilipRunConfig(model=cfg)), "mm_step": "0"}

@@ -20,9 +20,10 @@ from mm.errors import UserError
 from mm.scenegraph import Relation, SceneGraph, SGObject, parse_simple
 from mm.scenegraph import parse as parse_module
 from mm.scenegraph.parse import INSTALL_HINT, caption_parser, resolve_parser
+from mm.scenegraph.samples import sample_graph
 from mm.tasks import get_task
 from mm.tasks import structure_clip as sc_module
-from mm.tasks.structure_clip import StructureClipLossConfig, check_loss_config, sample_graph
+from mm.tasks.structure_clip import StructureClipLossConfig, check_loss_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.arch.embed_dim=32", "model.arch.vision_cfg.width=32", "model.arch.vision_cfg.head_width=16",
@@ -76,12 +77,12 @@ def test_loss_parser_spacy_without_model_fails_before_the_model(no_model, monkey
     cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", [*TINY, "loss.parser=spacy"], task.config_class)
     monkeypatch.setattr(sc_module, "StructureClipModel", lambda *a: pytest.fail("model built before the check"))
     with pytest.raises(UserError) as e:
-        task.build_model(cfg)
+        get_task(task.name, cfg).build_model()
     message = str(e.value)
     assert "\n" not in message and message.startswith("loss.parser spacy needs spaCy") and INSTALL_HINT in message
     # Rebuilding a trained model for evaluation or export parses nothing: no spaCy needed.
     monkeypatch.setattr(sc_module, "StructureClipModel", lambda *a: torch.nn.Linear(1, 1))
-    task.build_model(cfg, load_pretrained=False)
+    get_task(task.name, cfg).build_model(load_pretrained=False)
 
 
 def test_auto_falls_back_to_simple_and_says_so(no_model, monkeypatch, capsys):
@@ -91,8 +92,9 @@ def test_auto_falls_back_to_simple_and_says_so(no_model, monkeypatch, capsys):
     cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY, task.config_class)
     assert cfg.loss.parser == "auto"
     monkeypatch.setattr(sc_module, "StructureClipModel", lambda *a: torch.nn.Linear(1, 1))
-    task.build_model(cfg)
-    task.build_model(cfg)
+    built = get_task(task.name, cfg)
+    built.build_model()
+    built.build_model()
     out = capsys.readouterr().out
     assert out.count("structure_clip: captions without a json scene_graph are parsed by the built-in simple "
                      "parser (en_core_web_sm not installed") == 1  # once, with the install hint
@@ -107,7 +109,7 @@ def test_auto_uses_spacy_rules_when_a_pipeline_loads(with_model, monkeypatch, ca
     task = get_task("structure_clip")
     cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY, task.config_class)
     monkeypatch.setattr(sc_module, "StructureClipModel", lambda *a: torch.nn.Linear(1, 1))
-    task.build_model(cfg)
+    get_task(task.name, cfg).build_model()
     assert "parsed by spaCy dependency rules (en_core_web_sm)" in capsys.readouterr().out
 
 
@@ -154,7 +156,7 @@ def test_folder_scene_graphs_simple_then_training_reads_them(tmp_path, monkeypat
                       [*TINY, "data.batch_size=1", "loss.parser=simple", f"data.train={out}/shard-000000.tar"],
                       task.config_class)
     monkeypatch.setattr(parse_module, "parse_simple", raise_if_called)
-    batches = iter(task.batches(cfg, "train"))
+    batches = iter(get_task(task.name, cfg).batches("train"))
     batch = next(batches)
     assert batch["caption"] == [caption] and batch["has_neg"].tolist() == [True]
     assert batch["triple_mask"][0].sum() == 3  # one relation and two attributes
@@ -209,14 +211,14 @@ def test_compositional_kee_reads_captions_with_the_chosen_parser(with_model, tmp
     task = get_task("structure_clip")
     cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY, task.config_class)
     torch.manual_seed(0)
-    model = task.build_model(cfg, load_pretrained=False).eval()
+    model = get_task(task.name, cfg).build_model(load_pretrained=False).eval()
     tok, pre = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
     spacy_parse = caption_parser(resolve_parser("auto", "--parser"))
     with torch.no_grad():
         got = model.encode_captions([CAPTION], tok, spacy_parse)[0]
         ids, mask = encode_triples(SPACY_GRAPH.triples(), tok, cfg.model.max_triples, cfg.model.triple_tokens)
         want = model.encode_text_with_triples(tok([CAPTION]), ids[None], mask[None])[0]
-        simple = model.encode_captions([CAPTION], tok)[0]  # parse_simple by default
+        simple = model.encode_captions([CAPTION], tok, parse_simple)[0]
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, simple, atol=1e-4)
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "0.png")

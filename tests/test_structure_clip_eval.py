@@ -27,14 +27,14 @@ def model_cfg():
     task = get_task("structure_clip")
     cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY, task.config_class)
     torch.manual_seed(0)
-    return task.build_model(cfg).eval(), cfg
+    return get_task(task.name, cfg).build_model().eval(), cfg
 
 
 def test_encode_captions_uses_each_captions_own_graph(model_cfg):
     model, cfg = model_cfg
     tok = clip_tokenizer(cfg.model)
     with torch.no_grad():
-        got = model.encode_captions([CAPTION, SWAP], tok)
+        got = model.encode_captions([CAPTION, SWAP], tok, parse_simple)
         for row, caption in zip(got, [CAPTION, SWAP]):
             ids, mask = encode_triples(parse_simple(caption).triples(), tok, cfg.model.max_triples,
                                        cfg.model.triple_tokens)
@@ -57,7 +57,7 @@ def test_compositional_kee_scores_by_hand(model_cfg, tmp_path):
     res = evaluate(model, tok, pre, sugarcrepe=[str(tmp_path / "swap_obj.json")], images=str(tmp_path), kee=True)
     with torch.no_grad():
         v = torch.nn.functional.normalize(model.encode_image(pre(Image.open(tmp_path / "0.png"))[None]), dim=-1)
-        t, f = model.encode_captions([CAPTION, SWAP], tok)
+        t, f = model.encode_captions([CAPTION, SWAP], tok, parse_simple)
     assert res["sugarcrepe"]["swap_obj"] == {"acc": float((v[0] @ t) > (v[0] @ f)), "n": 1}
 
 
@@ -66,5 +66,5 @@ def test_kee_scoring_needs_a_kee_model(model_cfg):
     clip_task = get_task("clip")
     clip_cfg = load_config(ROOT / "configs/clip/tiny.yaml", TINY, clip_task.config_class)
     with pytest.raises(UserError, match="--kee"):
-        evaluate(clip_task.build_model(clip_cfg), clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False),
+        evaluate(get_task(clip_task.name, clip_cfg).build_model(), clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False),
                  sugarcrepe=["unused.json"], kee=True)

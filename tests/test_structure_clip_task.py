@@ -71,7 +71,7 @@ def test_sample_map_negative_absent_or_identical(task_cfg):
 def test_kee_changes_text_features_only_when_enabled(task_cfg):
     task, cfg = task_cfg
     torch.manual_seed(0)
-    model = task.build_model(cfg).eval()
+    model = get_task(task.name, cfg).build_model().eval()
     s = _map(cfg)(_raw("a red circle to the left of a blue square"), random.Random(0))
     args = [s[k][None] for k in ("image", "text", "neg_text", "triples", "triple_mask")]
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_two_ranks_zero1_2_and_3_train_and_export(shapes, tmp_path):
 def test_fine_tunes_from_a_clip_export(task_cfg, tmp_path):
     """model.pretrained takes a CLIP run's export (the demo fine-tunes its CLIP this way): every CLIP
     weight is loaded, and the KEE's word embedding is a copy of the loaded one."""
-    from mm.engine.checkpoint import save_export
+    from mm.exports import save_export
     from mm.models.clip import build_clip
 
     task, cfg = task_cfg
@@ -129,7 +129,7 @@ def test_fine_tunes_from_a_clip_export(task_cfg, tmp_path):
     ft_cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", [*TINY, f"model.pretrained={path}"],
                          task.config_class)
     torch.manual_seed(2)
-    model = task.build_model(ft_cfg)
+    model = get_task(task.name, ft_cfg).build_model()
     for name, value in clip.state_dict().items():
         assert torch.equal(model.clip.state_dict()[name], value), name
     assert torch.equal(model.kee.token_embedding.weight, clip.text.token_embedding.weight)

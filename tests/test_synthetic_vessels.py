@@ -74,10 +74,10 @@ def test_task_batches_read_vessel_shards(tmp_path):
                       [f"data.train={tmp_path}/train/vessels-{{000000..{len(train) - 1:06d}}}.tar",
                        f"data.val={val[0]}", "data.num_workers=0", "data.shuffle_buffer=4", "eval.batch_size=4"],
                       task.config_class)
-    batch = next(iter(task.batches(cfg, "train")))
+    batch = next(iter(get_task(task.name, cfg).batches("train")))
     assert batch["image"].shape == (8, 3, 64, 64) and batch["mask"].shape == batch["valid"].shape == (8, 1, 64, 64)
     assert set(batch["mask"].unique().tolist()) == {0.0, 1.0}
-    loader = task.batches(cfg, "val")
+    loader = get_task(task.name, cfg).batches("val")
     batches = list(loader)
     assert [len(b["key"]) for b in batches] == [4, 1] and loader.bad_counts.get("total", 0) == 0
     # Square images, no augmentation on validation: no padding, every pixel counts.

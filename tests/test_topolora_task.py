@@ -75,13 +75,13 @@ def test_augmentation_is_deterministic_for_the_same_rng():
 
 def test_train_batches_and_losses(shapes):
     task, cfg = tiny_cfg(shapes)
-    batch = next(iter(task.batches(cfg, "train")))
+    batch = next(iter(get_task(task.name, cfg).batches("train")))
     assert batch["image"].shape == (8, 3, 64, 64)
     assert batch["mask"].shape == batch["valid"].shape == (8, 1, 64, 64)
     assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0} and batch["mask"].sum() > 0
     torch.manual_seed(0)
-    model = task.build_model(cfg)
-    losses = task.losses(model, batch)
+    model = get_task(task.name, cfg).build_model()
+    losses = get_task(task.name, cfg).losses(model, batch, 0)
     assert set(losses) == {"loss", "bce", "dice", "cldice"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
@@ -93,7 +93,7 @@ def test_train_batches_and_losses(shapes):
 def test_evaluate_reports_dice(shapes):
     task, cfg = tiny_cfg(shapes)
     torch.manual_seed(0)
-    metrics = task.evaluate(task.build_model(cfg), cfg)
+    metrics = get_task(task.name, cfg).evaluate(get_task(task.name, cfg).build_model())
     assert {"val/dice", "val/cldice", "val/iou"} <= set(metrics)
     assert metrics["val/n_images"] == 24 and 0 <= metrics["val/dice"] <= 1
 

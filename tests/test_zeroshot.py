@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from mm.data.classnames import load_classnames, load_templates
+from mm.data.streams import labelled_shard_batches
 from mm.errors import DataError
-from mm.metrics.zeroshot import build_classifier, classification_metrics, evaluate_zeroshot
+from mm.metrics.zeroshot import build_classifier, classification_metrics, evaluate_zeroshot_batches
 from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer
 
 CFG = ClipModelConfig(arch={"embed_dim": 32,
@@ -34,7 +35,8 @@ def test_classifier_equals_open_clip(model):
 def test_metrics_equal_a_plain_reference(model, shapes):
     names, templates = load_classnames("shapes"), load_templates("shapes")
     tok, pre = clip_tokenizer(CFG), clip_preprocess(CFG, False)
-    ours = evaluate_zeroshot(model, tok, pre, shapes["val"], names, templates, batch_size=7)
+    ours = evaluate_zeroshot_batches(model, tok, labelled_shard_batches(pre, tok, shapes["val"], len(names), 7),
+                                     names, templates)
 
     # Reference: open_clip's classifier, images decoded plainly with webdataset, metrics by hand.
     import webdataset as wds
@@ -66,4 +68,5 @@ def test_acc5_only_with_five_or_more_classes():
 def test_label_outside_the_class_list_names_the_shard(model, shapes):
     tok, pre = clip_tokenizer(CFG), clip_preprocess(CFG, False)
     with pytest.raises(DataError, match=r"shapes-000000.tar.*outside the 3 class names"):
-        evaluate_zeroshot(model, tok, pre, shapes["val"], ["a", "b", "c"], ["{}"])
+        evaluate_zeroshot_batches(model, tok, labelled_shard_batches(pre, tok, shapes["val"], 3), ["a", "b", "c"],
+                                  ["{}"])

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from mm.data.classnames import load_classnames, load_templates
+from mm.data.streams import labelled_shard_batches
 from mm.errors import DataError
 from mm.evaluate.datasets import FolderDataset, ListDataset, dataset_kind, image_label_loader
-from mm.metrics.zeroshot import evaluate_zeroshot, evaluate_zeroshot_batches
+from mm.metrics.zeroshot import evaluate_zeroshot_batches
 from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer
 
 CFG = ClipModelConfig(arch={"embed_dim": 32,
@@ -64,8 +65,9 @@ def val_images(shapes, tmp_path_factory):
 
 def _shard_metrics(model, shapes):
     tok, pre = clip_tokenizer(CFG), clip_preprocess(CFG, False)
-    return evaluate_zeroshot(model, tok, pre, shapes["val"], load_classnames("shapes"),
-                             load_templates("shapes"), batch_size=7)
+    names = load_classnames("shapes")
+    return evaluate_zeroshot_batches(model, tok, labelled_shard_batches(pre, tok, shapes["val"], len(names), 7),
+                                     names, load_templates("shapes"))
 
 
 def _metrics(model, dataset):
@@ -165,10 +167,8 @@ def test_builtin_sets(name, n_classes, n_templates):
 
 def test_tokenwise_scoring_on_a_folder_equals_the_shards_path(shapes, val_images):
     from mm.config import load_config
-    from mm.evaluate.zeroshot import tokenwise_predictions
-    from mm.metrics.zeroshot import classification_metrics
+    from mm.metrics.zeroshot import classification_metrics, tokenwise_predictions
     from mm.tasks import get_task
-    from mm.tasks.filip import tokenwise_zeroshot
 
     task = get_task("filip")
     tiny = ["model.arch.embed_dim=32", "model.arch.vision_cfg.width=32",
@@ -178,10 +178,11 @@ def test_tokenwise_scoring_on_a_folder_equals_the_shards_path(shapes, val_images
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs/filip/tiny.yaml", tiny, task.config_class)
     torch.manual_seed(0)
-    filip = task.build_model(cfg).eval()
+    filip = get_task(task.name, cfg).build_model().eval()
     tok, pre = clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
     names, templates = load_classnames("shapes"), load_templates("shapes")
-    ref = tokenwise_zeroshot(filip, tok, pre, shapes["val"], names, templates, batch_size=7)
+    ref = evaluate_zeroshot_batches(filip, tok, labelled_shard_batches(pre, tok, shapes["val"], len(names), 7),
+                                    names, templates, scoring="tokenwise")
     ds = FolderDataset(val_images[0], pre, names)
     logits, labels = tokenwise_predictions(filip, tok, image_label_loader(ds, batch_size=5), names, templates)
     got = classification_metrics(logits, labels, len(names))

@@ -1,8 +1,9 @@
-"""Train the CLIP baseline: `deepspeed --num_gpus N train/clip.py --config configs/clip/tiny.yaml`."""
+"""Train the clip task: `deepspeed --num_gpus N train/clip.py --config configs/clip/tiny.yaml`
+(the same as `mm train clip ...`)."""
 
 import sys
 
-from mm.engine.cli import train_main
+from mm.cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("clip"))

@@ -1,8 +1,9 @@
-"""Train FILIP: `deepspeed --num_gpus N train/filip.py --config configs/filip/tiny.yaml`."""
+"""Train the filip task: `deepspeed --num_gpus N train/filip.py --config configs/filip/tiny.yaml`
+(the same as `mm train filip ...`)."""
 
 import sys
 
-from mm.engine.cli import train_main
+from mm.cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("filip"))

@@ -1,8 +1,9 @@
-"""Train STRUCTURE heads on cached features: `deepspeed --num_gpus N train/structure.py --config configs/structure/tiny.yaml`."""
+"""Train the structure task: `deepspeed --num_gpus N train/structure.py --config configs/structure/tiny.yaml`
+(the same as `mm train structure ...`)."""
 
 import sys
 
-from mm.engine.cli import train_main
+from mm.cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("structure"))

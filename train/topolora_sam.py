@@ -1,8 +1,9 @@
-"""Train TopoLoRA-SAM: `deepspeed --num_gpus N train/topolora_sam.py --config configs/topolora_sam/tiny.yaml`."""
+"""Train the topolora_sam task: `deepspeed --num_gpus N train/topolora_sam.py --config configs/topolora_sam/tiny.yaml`
+(the same as `mm train topolora_sam ...`)."""
 
 import sys
 
-from mm.engine.cli import train_main
+from mm.cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("topolora_sam"))

@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoints (save, prune, resume) and the consolidated fp32 safetensors export."""
+"""DeepSpeed checkpoints (save, prune, resume) and their consolidation into an export (mm.exports)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from mm.config import migrate
 from mm.errors import UserError, write_text_atomic
+from mm.exports import save_export
 
 RUN_STATE = "mm_run_state.json"
 
@@ -75,8 +75,12 @@ def save(engine: Any, out_dir: str | Path, step: int, client_state: dict, keep: 
     return tag
 
 
-def resume(engine: Any, out_dir: str | Path, task: str, world_size: int, model_config: str = "") -> dict | None:
-    """Load the newest checkpoint into the engine; returns its client state, or None if there is none."""
+def resume(engine: Any, out_dir: str | Path, task: str, world_size: int, model_config: str = "",
+           config_class: type | None = None) -> dict | None:
+    """Load the newest checkpoint into the engine; returns its client state, or None if there is none.
+
+    `config_class` (the run's config dataclass) moves keys of earlier versions in the stored model
+    section (mm.config.migrate) before it is compared with `model_config`."""
     tag = latest_tag(out_dir)
     if tag is None:
         return None
@@ -88,7 +92,7 @@ def resume(engine: Any, out_dir: str | Path, task: str, world_size: int, model_c
     if state["world_size"] != world_size:
         raise UserError(f"{root / tag}: written by {state['world_size']} ranks; DeepSpeed checkpoints "
                         f"resume only at the same world size (now {world_size})")
-    difference = _first_difference(state.get("model_config") or "", model_config)
+    difference = _first_difference(_migrated(state.get("model_config") or "", config_class), model_config)
     if difference:
         raise UserError(f"{root / tag}: checkpoint of another architecture ({difference}); "
                         f"use another train.out_dir, or --set train.resume=false")
@@ -104,6 +108,15 @@ def resume(engine: Any, out_dir: str | Path, task: str, world_size: int, model_c
 
 # Where the starting weights come from, not what the model is: a run may resume with them moved.
 _NOT_ARCHITECTURE = ("pretrained", "checkpoint", "base_checkpoint")
+
+
+def _migrated(stored: str, config_class: type | None) -> str:
+    """A stored model section with the keys that have since moved out of it (or been renamed) moved."""
+    if not stored or config_class is None:
+        return stored
+    tree = {"model": json.loads(stored)}
+    migrate(config_class, tree)
+    return json.dumps(tree.get("model", {}), sort_keys=True)
 
 
 def _first_difference(stored: str, current: str) -> str:
@@ -145,66 +158,3 @@ def export_safetensors(out_dir: str | Path, tag: str, path: str | Path, metadata
             raise RuntimeError(f"checkpoint {tag} lacks {len(missing)} exported weights, e.g. {missing[0]}")
         state = {k: state[k] for k in sorted(keys)}
     save_export(state, path, metadata)
-
-
-def save_export(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write an export atomically: floating tensors as fp32, integer buffers as they are."""
-    # Tied weights come back as shared storage, which safetensors refuses; exports are small enough to copy.
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
-             for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def read_export_metadata(path: str | Path) -> dict[str, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
-    if "mm_task" not in meta:
-        raise UserError(f"{path}: not an mm export (no mm_task metadata)")
-    return meta
-
-
-def load_exported(path: str | Path, expect_task: str | None = None, base_checkpoint: str | None = None
-                  ) -> tuple[Any, Any, torch.nn.Module]:
-    """(task, config, model) from an exported safetensors file, on the CPU, in eval mode.
-
-    A trainable-only export (metadata mm_export = 'trainable', e.g. TopoLoRA-SAM's LoRA, adapter and
-    decoder) is completed by its task from the base checkpoint it records; `base_checkpoint` overrides
-    that path. Its weights must then cover every key the task exports."""
-    from safetensors.torch import load_file
-
-    from mm.config import _build
-    from mm.tasks import get_task
-
-    meta = read_export_metadata(path)
-    if expect_task and meta["mm_task"] != expect_task:
-        raise UserError(f"{path}: a {meta['mm_task']!r} checkpoint, expected {expect_task!r}")
-    task = get_task(meta["mm_task"])
-    cfg = _build(task.config_class, json.loads(meta["mm_config"]), "", str(path))
-    if meta.get("mm_export", "full") == "trainable":
-        model = task.build_export_base(cfg, meta, str(path), base_checkpoint)
-        required = task.export_keys(model, cfg) or set(model.state_dict())
-    else:
-        model = task.build_model(cfg, load_pretrained=False)
-        required = set(model.state_dict())
-    state = load_file(str(path))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes of another architecture under this task's name
-        detail = str(e).strip().splitlines()
-        raise UserError(f"{path}: weights do not fit the {meta['mm_task']} model its metadata describes "
-                        f"({(detail[1] if len(detail) > 1 else detail[0]).strip()[:200]})") from None
-    missing = [k for k in missing if k in required]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit the {meta['mm_task']} model "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")
-    return task, cfg, model.eval()

@@ -17,12 +17,11 @@ import torch
 import torch.distributed as dist
 
 from mm.config import config_json, save_config
-from mm.data.loader import check_local_shards
 from mm.engine import checkpoint
 from mm.engine.ds_config import build_ds_config
 from mm.engine.logger import MetricsLogger
+from mm.engine.task import Task, World
 from mm.errors import UserError
-from mm.tasks.base import Task
 
 
 def init_distributed() -> None:
@@ -52,12 +51,13 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on gains, biases, embeddings of rank < 2 and the temperature (as open_clip)."""
+    """No weight decay on gains, biases and other parameters of rank < 2, the 0-dim temperature
+    included (as open_clip)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "bias" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "bias" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -123,8 +123,9 @@ def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
     return total
 
 
-def train(task: Task, cfg: Any) -> dict[str, Any]:
-    """Train `task` with `cfg` to cfg.train.steps optimizer steps, resuming from out_dir if possible.
+def train(task: Task) -> dict[str, Any]:
+    """Train `task` on its config (task.cfg) to cfg.train.steps optimizer steps, resuming from
+    train.out_dir if possible.
 
     Returns the last logged values, the evaluation metrics, the export path and the DeepSpeed engine
     (on every rank).
@@ -134,13 +135,11 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = task.cfg
     tc = cfg.train
     out_dir = Path(tc.out_dir)
     # Inputs are checked before anything is written, so a bad command leaves no partial run directory.
-    task.check_config(cfg)
-    train_urls = getattr(cfg.data, "train", "")
-    if getattr(task, "reads_train_shards", True) and isinstance(train_urls, str) and train_urls.strip():
-        check_local_shards(train_urls, "data.train")
+    task.check()
     on_gpu = get_accelerator().device_name() != "cpu"
     ds_config = build_ds_config(tc.deepspeed_config, cfg.data.batch_size, tc.grad_accum, tc.grad_clip,
                                 tc.precision, world, on_gpu)
@@ -149,7 +148,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
-    model = task.build_model(cfg)
+    model = task.build_model()
 
     problem = ""
     if rank == 0:
@@ -170,7 +169,8 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                                            config=ds_config)
 
     model_config = _model_config(cfg)
-    client = checkpoint.resume(engine, out_dir, task.name, world, model_config) if tc.resume else None
+    client = (checkpoint.resume(engine, out_dir, task.name, world, model_config, type(cfg)) if tc.resume
+              else None)
     step = int(client["step"]) if client else 0
     skipped = int(client.get("skipped_steps", 0)) if client else 0
     data_state = client["data"][rank] if client else None
@@ -180,7 +180,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
         # Dropout and other model randomness differ per rank, as in any data-parallel run.
         torch.manual_seed(tc.seed * 1000 + rank + 1)
 
-    loader = task.batches(cfg, "train", rank=rank, world_size=world, state=data_state)
+    loader = task.batches("train", World(rank, world), state=data_state)
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
     logger = MetricsLogger(out_dir, enabled=rank == 0)
     progress = None
@@ -202,7 +202,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
         if step < tc.steps:
             engine.train()
             for batch in loader:
-                losses = task.losses(engine, _to_device(batch, engine.device, compute_dtype))
+                losses = task.losses(engine, _to_device(batch, engine.device, compute_dtype), step)
                 bad_losses = _nonfinite_flags(losses, engine.device)
                 if bad_losses:
                     # No backward, no optimizer step: the batch is dropped and the run goes on. (With fp16,
@@ -249,7 +249,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                         progress.set_postfix(loss=f"{values['loss']:.4f}")
                     last_logged, sums, n_micro, t0 = values, {}, 0, time.time()
                 if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                    logger.log(step, task.evaluate(engine.module, cfg))
+                    logger.log(step, task.evaluate(engine.module))
                     engine.train()
                 if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
                     last_tag = save_checkpoint()
@@ -269,15 +269,15 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     if engine.zero_optimization_stage() < 3:
         trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
         frozen = {k: v.detach().cpu() for k, v in engine.module.state_dict().items() if k not in trainable}
-    keys = task.export_keys(engine.module, cfg)  # None: every weight; else a trainable-only export
+    plan = task.export_plan(engine.module)
     if rank == 0:
         meta = {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step),
-                "mm_export": "full" if keys is None else "trainable"}
-        if keys is not None:
-            meta.update(task.export_metadata(cfg))
-        checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, keys)
+                "mm_export": "full" if plan.keys is None else "trainable"}
+        if plan.keys is not None:
+            meta.update(plan.metadata)
+        checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, plan.keys)
     dist.barrier()
-    evaluation = task.evaluate(engine.module, cfg)
+    evaluation = task.evaluate(engine.module)
     if evaluation:
         logger.log(step, evaluation)
     # Summed over ranks: each rank reads its own shards.

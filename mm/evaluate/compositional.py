@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mm.cliargs import add_debug, command_prog
 from mm.errors import DataError, UserError, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
 from mm.scenegraph.parse import caption_parser, describe_parser, parse_simple, resolve_parser
@@ -201,7 +202,7 @@ def shapes_items(urls: str, preprocess: Callable, tokenizer: Callable,
     from mm.data.image_text import image_text_map
     from mm.data.loader import Loader, StreamSpec, default_collate
     from mm.scenegraph.negatives import attribute_swap, relation_swap
-    from mm.tasks.structure_clip import sample_graph
+    from mm.scenegraph.samples import sample_graph
 
     spec = StreamSpec(urls=urls, sample_map=image_text_map(preprocess, tokenizer), collate=default_collate,
                       batch_size=64, num_workers=0, shuffle_buffer=0, repeat=False, drop_last=False)
@@ -307,7 +308,7 @@ def table(results: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mm-compositional",
+        prog=command_prog("compositional"),
         description="Compositional evaluation of an exported model: an item is correct when its true caption "
                     "scores strictly higher (cosine of encode_image and encode_text) than its false caption.")
     add_model_arguments(p)
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "en_core_web_sm is installed, as Structure-CLIP's loss.parser)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="write the results JSON here")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_debug(p)
     return p
 
 

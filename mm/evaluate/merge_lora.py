@@ -4,7 +4,7 @@
         [--base-checkpoint checkpoints/sam_vit_b_01ec64.pth]
 
 The input is either kind of export (trainable-only ones are completed from their base SAM checkpoint,
-see mm.engine.checkpoint.load_exported). The output is a full export whose state dict is a
+see mm.tasks.load_exported). The output is a full export whose state dict is a
 segment_anything SAM state dict (image_encoder.*, prompt_encoder.*, mask_decoder.*, the keys of
 sam_model_registry[variant]()) plus `adapter.*`; its config has LoRA off (model.lora_r = 0), so
 load_exported and every mm command read it as a plain full export. At model.image_size 1024 the SAM
@@ -41,8 +41,9 @@ def merge_export(export: str | Path, out: str | Path, base_checkpoint: str | Non
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from mm.config import config_json
-    from mm.engine.checkpoint import load_exported, read_export_metadata, save_export
+    from mm.exports import read_export_metadata, save_export
     from mm.models.sam import merge_lora
+    from mm.tasks import load_exported
 
     export, out = Path(export), Path(out)
     if out.exists() and not overwrite:

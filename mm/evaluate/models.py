@@ -17,16 +17,13 @@ from mm.errors import UserError
 def load_embedding_model(path: str) -> tuple[Any, Any, torch.nn.Module, Callable, Callable]:
     """(task, config, model, tokenizer, eval preprocess) of an export whose model has
     encode_image/encode_text; any other export is a one-line UserError naming the file."""
-    from mm.engine.checkpoint import load_exported
-    from mm.models.clip import clip_preprocess, clip_tokenizer
+    from mm.tasks import load_exported
 
     task, cfg, model = load_exported(path)
-    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+    inputs = task.eval_inputs()
+    if inputs is None or not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise UserError(f"{path}: a {task.name} model has no encode_image/encode_text")
-    # A task whose model is not an open_clip one (STRUCTURE's frozen encoders) says what feeds it.
-    if hasattr(task, "tokenizer_and_preprocess"):
-        return task, cfg, model, *task.tokenizer_and_preprocess(cfg)
-    return task, cfg, model, clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+    return task, cfg, model, *inputs
 
 
 @dataclass

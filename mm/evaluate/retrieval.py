@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from mm.cliargs import add_debug, command_prog
 from mm.errors import UserError, check_output_file, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
 
@@ -124,7 +125,7 @@ def retrieval_token_scores(model: torch.nn.Module, tokenizer: Callable, batches:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mm-retrieval",
+        prog=command_prog("retrieval"),
         description="Image->text and text->image recall@k (CLIP_benchmark protocol: each image once in the "
                     "gallery, all its captions correct) of an exported model on image-text shards.")
     add_model_arguments(p)
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--output", help="write the metrics JSON here")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_debug(p)
     return p
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mm.cliargs import add_debug, command_prog
 from mm.errors import DataError, UserError, cli_main
 from mm.evaluate.seg_io import (
     OutputSet,
@@ -129,7 +130,7 @@ class Segmenter:
 def load_model(checkpoint: str, base_checkpoint: str | None = None) -> tuple[Any, torch.nn.Module]:
     """(config, model) of a TopoLoRA-SAM export; another model's export is a UserError naming the file.
     base_checkpoint is the SAM checkpoint a trainable-only export was trained from."""
-    from mm.engine.checkpoint import load_exported
+    from mm.tasks import load_exported
 
     _, cfg, model = load_exported(checkpoint, expect_task="topolora_sam", base_checkpoint=base_checkpoint)
     return cfg, model
@@ -230,7 +231,7 @@ def metrics_csv(images: list[str], per_image: list[dict[str, Any]], pooled: dict
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mm-segment",
+        prog=command_prog("segment"),
         description="Binary segmentation of images with an exported TopoLoRA-SAM, at native resolution "
                     "(sliding window for images larger than the model input). Exit code 0: all images "
                     "done; 1: some failed and were skipped (named on stderr), the rest written; 2: "
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 (fp16 without bf16 support) on a GPU, fp32 on the CPU")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_debug(p)
     return p
 
 

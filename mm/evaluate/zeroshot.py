@@ -12,13 +12,14 @@ import os
 import sys
 from pathlib import Path
 
+from mm.cliargs import add_debug, command_prog
 from mm.errors import UserError, check_output_file, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mm-zeroshot",
+        prog=command_prog("zeroshot"),
         description="Zero-shot classification (CLIP_benchmark protocol: prompt-ensembled class embeddings, "
                     "logits 100 x cos) of an exported model (runs/<name>/export/model.safetensors).")
     add_model_arguments(p)
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--output", help="write the metrics JSON here")
     p.add_argument("--confusion", metavar="PATH.png", help="write the confusion matrix as a PNG here")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_debug(p)
     return p
 
 
@@ -53,24 +54,6 @@ def _progress(batches, desc: str):
         total = None
     return tqdm(batches, total=total, desc=desc, unit="batch", file=sys.stderr,
                 disable=not sys.stderr.isatty(), leave=False)
-
-
-def tokenwise_predictions(model, tokenizer, batches, classnames, templates, device="cpu"):
-    """FILIP token-wise logits and labels over any iterable of {"image", "label"} batches."""
-    import torch
-
-    from mm.tasks.filip import tokenwise_classifier_tokens, tokenwise_logits
-
-    model.eval()
-    with torch.no_grad():
-        class_tokens, class_mask = tokenwise_classifier_tokens(model, tokenizer, classnames, templates,
-                                                               device)
-        logits, labels = [], []
-        for batch in batches:
-            img, img_mask = model.encode_image_tokens(batch["image"].to(device))
-            logits.append(tokenwise_logits(img, img_mask, class_tokens, class_mask, len(classnames)).cpu())
-            labels.append(batch["label"])
-    return torch.cat(logits), torch.cat(labels)
 
 
 def write_confusion_png(matrix, classnames: list[str], path: str, title: str) -> None:
@@ -110,14 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
+    from mm.data.streams import labelled_shard_batches
     from mm.evaluate.datasets import SkipUnreadable, build_dataset, dataset_kind, image_label_loader
     from mm.evaluate.models import load_eval_model
-    from mm.metrics.zeroshot import (
-        classification_metrics,
-        confusion_matrix,
-        labelled_shard_batches,
-        zeroshot_predictions,
-    )
+    from mm.metrics.zeroshot import SCORINGS, classification_metrics, confusion_matrix
 
     kind = dataset_kind(args.data)
     if args.batch_size < 1:
@@ -148,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = build_dataset(args.data, preprocess, classnames)
         classnames, label_mapping, ignored = dataset.classnames, dataset.label_mapping, dataset.ignored
         batches = SkipUnreadable(image_label_loader(dataset, args.batch_size, args.workers))
-    predict = zeroshot_predictions if args.scoring == "pooled" else tokenwise_predictions
-    logits, labels = predict(model, tokenizer, _progress(batches, "zero-shot"), classnames, templates)
+    logits, labels = SCORINGS[args.scoring](model, tokenizer, _progress(batches, "zero-shot"), classnames, templates)
     if not len(labels):
         raise UserError(f"{args.data}: no readable labelled images")
     metrics = classification_metrics(logits, labels, len(classnames))

@@ -6,7 +6,7 @@ Definitions (docs/methods.md §1, the paper's version). Tokens are L2-normalised
     s^T_ij      = mean over valid r of (max over valid k of S_ij[k, r])     text -> image
     loss        = 1/2 [CE(scale * s^I, diag) + CE(scale * (s^T)^T, diag)]
 Masks (True = real token) exclude padding from both the max and the mean; the loss sees nothing but
-the masks, so which special tokens count is decided by `text_token_mask` (BOS/EOS) and by the model
+the masks, so which special tokens count is decided by the model (mm.models.filip.text_token_mask) and by the model
 handing over patch tokens only (no image CLS).
 
 Memory. The full S has B_img x B_txt x N_img x N_txt entries (ViT-B/16 at B=256: ~1e9). The autograd
@@ -26,7 +26,6 @@ token counts (the data layer pads captions to a fixed context length and images 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,44 +36,6 @@ from mm.dist import all_gather_no_grad, all_gather_with_grad, rank, world_size
 # Default size of one chunk of S in elements (128 MiB in fp32); the chunk over text candidates is
 # chosen so that B_img x chunk x N_img x N_txt stays under it.
 DEFAULT_CHUNK_ELEMENTS = 2**25
-
-KeepSpecial = Literal["eot", "none", "sot", "both"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Masks
-
-
-def text_token_mask(token_ids: torch.Tensor, pad_id: int = 0, sot_id: int = 49406, eot_id: int = 49407,
-                    keep_special: KeepSpecial = "eot") -> torch.Tensor:
-    """Bool mask (B, L) of the text tokens FILIP should match, from open_clip token ids.
-
-    Padding: open_clip pads with 0, which is also the BPE id of "!", so padding is taken to be every
-    position after the first EOT; rows without an EOT (other tokenizers) fall back to `!= pad_id`.
-
-    Special tokens (a config choice; default "eot"): SOT sits at position 0 under a causal mask, so its
-    feature is the same vector for every caption: it adds the same amount to every candidate's score
-    and can only dilute the mean, hence dropped. EOT has attended to the whole caption (CLIP uses it
-    as the sentence embedding), so it is kept as a summary token. "none" keeps only word tokens,
-    "both" keeps SOT and EOT, "sot" keeps SOT only. A caption left with no token keeps its EOT.
-    """
-    if keep_special not in ("eot", "none", "sot", "both"):
-        raise ValueError(f"keep_special must be one of eot, none, sot, both; got {keep_special!r}")
-    is_eot = token_ids == eot_id
-    has_eot = is_eot.any(1, keepdim=True)
-    first_eot = is_eot.int().argmax(1, keepdim=True)
-    positions = torch.arange(token_ids.shape[1], device=token_ids.device)
-    real = torch.where(has_eot, positions <= first_eot, token_ids != pad_id)
-    mask = real.clone()
-    if keep_special in ("eot", "none"):
-        mask &= token_ids != sot_id
-    if keep_special in ("sot", "none"):
-        mask &= ~is_eot
-    empty = ~mask.any(1)
-    if bool(empty.any()):
-        mask[empty] = real[empty] & is_eot[empty]
-    return mask
-
 
 def _default_mask(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
@@ -340,7 +301,8 @@ def filip_loss(img_tokens: torch.Tensor, img_mask: torch.Tensor | None, txt_toke
 
 
 class FilipLoss(nn.Module):
-    """`filip_loss` with its options fixed at construction, for trainers that hold a loss module."""
+    """`filip_loss` with its options fixed at construction (the FILIP trainer's loss module); the
+    `logits_*` entries are dropped: the engine logs every entry as a float."""
 
     def __init__(self, chunk_size: int | None = None, gather: bool = True,
                  gather_dtype: torch.dtype | None = None, keep_image_tokens: float | None = None,
@@ -351,6 +313,7 @@ class FilipLoss(nn.Module):
 
     def forward(self, img_tokens: torch.Tensor, img_mask: torch.Tensor | None, txt_tokens: torch.Tensor,
                 txt_mask: torch.Tensor | None, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        return filip_loss(img_tokens, img_mask, txt_tokens, txt_mask, scale, chunk_size=self.chunk_size,
-                          gather=self.gather, gather_dtype=self.gather_dtype,
-                          keep_image_tokens=self.keep_image_tokens, store_indices=self.store_indices)
+        out = filip_loss(img_tokens, img_mask, txt_tokens, txt_mask, scale, chunk_size=self.chunk_size,
+                         gather=self.gather, gather_dtype=self.gather_dtype,
+                         keep_image_tokens=self.keep_image_tokens, store_indices=self.store_indices)
+        return {k: v for k, v in out.items() if not k.startswith("logits_")}

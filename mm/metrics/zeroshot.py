@@ -1,4 +1,7 @@
-"""Zero-shot classification as CLIP_benchmark does it: prompt-ensembled class embeddings, 100 x cos."""
+"""Zero-shot classification: pooled as CLIP_benchmark does it (prompt-ensembled class embeddings,
+100 x cos) and FILIP's token-wise scoring. Every function takes an iterable of {"image", "label"}
+batches (the shared loader's mm.data.streams.labelled_shard_batches, a torch DataLoader over a folder,
+a list); building them is the caller's business."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+
+from mm.losses.filip import filip_similarity
 
 
 @torch.no_grad()
@@ -51,42 +56,6 @@ def zero_shot_logits(encode_image: Callable[[torch.Tensor], torch.Tensor], class
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
 
 
-def labelled_map(image_map: Callable, n_classes: int) -> Callable:
-    """Wrap an image sample map so samples carry an int `label` from their json, checked against
-    the class list (a label outside it is a DataError naming the shard)."""
-    from mm.data.loader import SampleError
-    from mm.errors import DataError
-
-    def sample_map(raw: dict, rng) -> dict:
-        sample = image_map(raw, rng)
-        label = sample["meta"].get("label")
-        if label is None:
-            raise SampleError("missing_label", raw.get("__key__", "?"))
-        if not isinstance(label, int) or not 0 <= label < n_classes:
-            raise DataError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')} has label {label!r}, "
-                            f"outside the {n_classes} class names")
-        sample["label"] = torch.tensor(label)
-        return sample
-
-    return sample_map
-
-
-def labelled_shard_batches(preprocess: Callable, tokenizer: Callable, urls: str, n_classes: int,
-                           batch_size: int = 64, num_workers: int = 0):
-    """One pass over labelled shards through the shared loader: batches with `image` and `label`.
-    (`tokenizer` is unused: captions are not needed, so they are not tokenised per sample.)"""
-    from mm.data.image_text import decode_image, decode_json
-    from mm.data.loader import Loader, StreamSpec, default_collate
-
-    def image_map(raw: dict, rng) -> dict:
-        return {"image": preprocess(decode_image(raw)), "key": raw["__key__"], "meta": decode_json(raw)}
-
-    sample_map = labelled_map(image_map, n_classes)
-    spec = StreamSpec(urls=urls, sample_map=sample_map, collate=default_collate, batch_size=batch_size,
-                      num_workers=num_workers, shuffle_buffer=0, repeat=False, drop_last=False)
-    return Loader(spec)
-
-
 @torch.no_grad()
 def zeroshot_predictions(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
                          classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
@@ -103,16 +72,6 @@ def zeroshot_predictions(model: torch.nn.Module, tokenizer: Callable, batches: I
         model.train(was_training)
 
 
-def evaluate_zeroshot_batches(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
-                              classnames: list[str], templates: list[str],
-                              device: torch.device | str = "cpu") -> dict[str, float]:
-    """acc1, acc5 (>= 5 classes), mean_per_class_recall and n_images over any iterable of batches."""
-    logits, labels = zeroshot_predictions(model, tokenizer, batches, classnames, templates, device)
-    metrics = classification_metrics(logits, labels, len(classnames))
-    metrics["n_images"] = float(len(labels))
-    return metrics
-
-
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(n_classes, n_classes) counts: row = true class, column = predicted class."""
     pred = logits.argmax(1)
@@ -120,13 +79,64 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, n_classes: int)
     return counts.view(n_classes, n_classes)
 
 
-def evaluate_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, urls: str,
-                      classnames: list[str], templates: list[str], batch_size: int = 64,
-                      num_workers: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Zero-shot classification of labelled shards with any model exposing encode_image/encode_text.
+@torch.no_grad()
+def tokenwise_classifier_tokens(model: torch.nn.Module, tokenizer: Callable, classnames: list[str],
+                                templates: list[str], device: torch.device | str = "cpu"
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected tokens and masks of every filled prompt, class-major: row c * T + t is class c, template t."""
+    tokens, masks = [], []
+    for name in classnames:
+        t, m = model.encode_text_tokens(tokenizer([tpl.format(name) for tpl in templates]).to(device))
+        tokens.append(t.float())
+        masks.append(m)
+    return torch.cat(tokens), torch.cat(masks)
 
-    Every rank evaluates the whole set: under ZeRO-3 each forward gathers parameters collectively, so
-    all ranks must run the same batches.
+
+@torch.no_grad()
+def tokenwise_logits(image_tokens: torch.Tensor, image_mask: torch.Tensor, class_tokens: torch.Tensor,
+                     class_mask: torch.Tensor, n_classes: int, chunk_size: int | None = None) -> torch.Tensor:
+    """(B, n_classes) = 100 x mean over templates of s^I(image, filled template).
+
+    FILIP's prompt ensemble for token-wise scoring: token features of different prompts cannot be
+    averaged into one class embedding the way CLIP averages sentence embeddings, so each image is
+    scored against every filled template with the image->text token-wise similarity s^I (mean over
+    image patches of the best-matching prompt token) and the scores are averaged over templates.
     """
-    batches = labelled_shard_batches(preprocess, tokenizer, urls, len(classnames), batch_size, num_workers)
-    return evaluate_zeroshot_batches(model, tokenizer, batches, classnames, templates, device)
+    s_i2t, _ = filip_similarity(image_tokens.float(), image_mask, class_tokens, class_mask, chunk_size=chunk_size)
+    return 100.0 * s_i2t.view(s_i2t.shape[0], n_classes, -1).mean(2)
+
+
+@torch.no_grad()
+def tokenwise_predictions(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                          classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FILIP token-wise logits (see `tokenwise_logits`) and labels; `model` exposes
+    encode_image_tokens / encode_text_tokens."""
+    was_training = model.training
+    model.eval()
+    try:
+        class_tokens, class_mask = tokenwise_classifier_tokens(model, tokenizer, classnames, templates, device)
+        dtype = next(model.parameters()).dtype  # bf16 engines hold bf16 weights
+        logits, labels = [], []
+        for batch in batches:
+            img, img_mask = model.encode_image_tokens(batch["image"].to(device, dtype))
+            logits.append(tokenwise_logits(img, img_mask, class_tokens, class_mask, len(classnames)).cpu())
+            labels.append(batch["label"])
+        return torch.cat(logits), torch.cat(labels)
+    finally:
+        model.train(was_training)
+
+
+SCORINGS = {"pooled": zeroshot_predictions, "tokenwise": tokenwise_predictions}
+
+
+def evaluate_zeroshot_batches(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                              classnames: list[str], templates: list[str], device: torch.device | str = "cpu",
+                              scoring: str = "pooled") -> dict[str, float]:
+    """acc1, acc5 (>= 5 classes), mean_per_class_recall and n_images over any iterable of batches.
+
+    Every rank must evaluate the whole set: under ZeRO-3 each forward gathers parameters collectively."""
+    logits, labels = SCORINGS[scoring](model, tokenizer, batches, classnames, templates, device)
+    metrics = classification_metrics(logits, labels, len(classnames))
+    metrics["n_images"] = float(len(labels))
+    return metrics

@@ -6,7 +6,7 @@ What the towers return (open_clip 3.x, `output_tokens = True`):
   unprojected, width = the vision transformer's width. FILIP matches patch tokens only.
 - text: `TextTransformer.forward` returns (pooled, tokens) with tokens = every position after
   ln_final, unprojected, width = the text transformer's width. Which positions count is decided by
-  `mm.losses.filip.text_token_mask` (default "eot": drop SOT and pads, keep EOT).
+  `text_token_mask` (default "eot": drop SOT and pads, keep EOT).
 
 Why this module owns its projections and temperature: under ZeRO-3 a parameter is only gathered while
 its own module's forward runs. Projecting tokens with open_clip's `visual.proj` after `visual` has
@@ -22,25 +22,53 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mm.errors import UserError
-from mm.losses.filip import text_token_mask
 from mm.models.clip import ClipModelConfig, build_clip
 
-GATHER_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+KeepSpecial = Literal["eot", "none", "sot", "both"]
+
+
+def text_token_mask(token_ids: torch.Tensor, pad_id: int = 0, sot_id: int = 49406, eot_id: int = 49407,
+                    keep_special: KeepSpecial = "eot") -> torch.Tensor:
+    """Bool mask (B, L) of the text tokens FILIP should match, from open_clip token ids.
+
+    Padding: open_clip pads with 0, which is also the BPE id of "!", so padding is taken to be every
+    position after the first EOT; rows without an EOT (other tokenizers) fall back to `!= pad_id`.
+
+    Special tokens (a config choice; default "eot"): SOT sits at position 0 under a causal mask, so its
+    feature is the same vector for every caption: it adds the same amount to every candidate's score
+    and can only dilute the mean, hence dropped. EOT has attended to the whole caption (CLIP uses it
+    as the sentence embedding), so it is kept as a summary token. "none" keeps only word tokens,
+    "both" keeps SOT and EOT, "sot" keeps SOT only. A caption left with no token keeps its EOT.
+    """
+    if keep_special not in ("eot", "none", "sot", "both"):
+        raise ValueError(f"keep_special must be one of eot, none, sot, both; got {keep_special!r}")
+    is_eot = token_ids == eot_id
+    has_eot = is_eot.any(1, keepdim=True)
+    first_eot = is_eot.int().argmax(1, keepdim=True)
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+    real = torch.where(has_eot, positions <= first_eot, token_ids != pad_id)
+    mask = real.clone()
+    if keep_special in ("eot", "none"):
+        mask &= token_ids != sot_id
+    if keep_special in ("sot", "none"):
+        mask &= ~is_eot
+    empty = ~mask.any(1)
+    if bool(empty.any()):
+        mask[empty] = real[empty] & is_eot[empty]
+    return mask
 
 
 @dataclass
 class FilipModelConfig(ClipModelConfig):
     embed_dim: int = 256  # width of the shared token space (FILIP-base: 256)
     text_special: str = "eot"  # which special text tokens are matched: eot | none | sot | both
-    chunk_size: int = 0  # text candidates per similarity chunk in the loss; 0 = sized automatically
-    gather_dtype: str = ""  # dtype text tokens are all-gathered in: "" (as they are), bf16, fp16
-    keep_image_tokens: float = 0.0  # FILIP token reduction: fraction of image tokens kept; 0 = off
 
 
 def _check(cfg: FilipModelConfig) -> None:
@@ -48,12 +76,6 @@ def _check(cfg: FilipModelConfig) -> None:
         raise UserError(f"model.embed_dim must be >= 1, got {cfg.embed_dim}")
     if cfg.text_special not in ("eot", "none", "sot", "both"):
         raise UserError(f"model.text_special must be one of eot, none, sot, both; got {cfg.text_special!r}")
-    if cfg.chunk_size < 0:
-        raise UserError(f"model.chunk_size must be >= 0 (0 = auto), got {cfg.chunk_size}")
-    if cfg.gather_dtype not in GATHER_DTYPES:
-        raise UserError(f"model.gather_dtype must be one of '', bf16, fp16; got {cfg.gather_dtype!r}")
-    if not 0 <= cfg.keep_image_tokens <= 1:
-        raise UserError(f"model.keep_image_tokens must be in [0, 1] (0 = off), got {cfg.keep_image_tokens}")
 
 
 class FilipModel(nn.Module):
@@ -88,10 +110,6 @@ class FilipModel(nn.Module):
         nn.init.normal_(self.text_proj.weight, std=text.transformer.width ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.text_special = cfg.text_special
-        # Loss options, kept on the model so the task's `losses` (which sees only the engine) finds them.
-        self.chunk_size = cfg.chunk_size or None
-        self.gather_dtype = GATHER_DTYPES[cfg.gather_dtype]
-        self.keep_image_tokens = cfg.keep_image_tokens or None
 
     # -- tokens ------------------------------------------------------------------------------------
 
@@ -132,7 +150,3 @@ class FilipModel(nn.Module):
         text_tokens, text_mask = self.encode_text_tokens(text)
         return {"image_tokens": image_tokens, "image_mask": image_mask, "text_tokens": text_tokens,
                 "text_mask": text_mask, "logit_scale": self.logit_scale.exp().clamp(max=100.0)}
-
-
-def build_filip(cfg: FilipModelConfig, load_pretrained: bool = True) -> FilipModel:
-    return FilipModel(cfg, load_pretrained)

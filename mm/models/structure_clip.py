@@ -83,13 +83,10 @@ class StructureClipModel(nn.Module):
         return features if self.kee is None else self.kee(features, triples, triple_mask)
 
     def encode_captions(self, captions: Sequence[str], tokenizer: Callable,
-                        parse: Callable[[str], Any] | None = None) -> torch.Tensor:
+                        parse: Callable[[str], Any]) -> torch.Tensor:
         """Captions scored with the KEE, each with the triples of its own scene graph (`parse` of the
-        caption, parse_simple by default, so a caption and its swap are treated alike: caption -> graph
-        -> triples). (N, D), L2-normalised."""
-        from mm.scenegraph import parse_simple
-
-        parse = parse or parse_simple
+        caption, e.g. mm.scenegraph.parse_simple, so a caption and its swap are treated alike: caption
+        -> graph -> triples). (N, D), L2-normalised."""
         cfg = self.cfg
         device = next(self.parameters()).device
         encoded = [encode_triples(parse(c).triples(cfg.max_triples), tokenizer, cfg.max_triples,
@@ -123,7 +120,3 @@ class StructureClipModel(nn.Module):
         return {"image_features": out["image_features"], "text_features": fused, "tower_text_features": tower,
                 "neg_text_features": out["text_features"][n:] if neg_text is not None else None,
                 "logit_scale": out["logit_scale"].clamp(max=100.0)}
-
-
-def build_structure_clip(cfg: StructureClipModelConfig, load_pretrained: bool = True) -> StructureClipModel:
-    return StructureClipModel(cfg, load_pretrained)

@@ -1,55 +1,95 @@
-"""The Task contract: what makes the trainers interchangeable on the one engine."""
+"""What the trainers share: TaskBase (the defaults of the engine's Task contract) and the helpers
+every image-text trainer uses the same way (zero-shot evaluation from the config)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
 from mm.config import RunConfig
-from mm.data.loader import Loader
+from mm.data.loader import check_local_shards
+from mm.engine.task import ONE_RANK, Batches, ExportPlan, World
 
 
-class Task:
-    """A trainer plugs into the engine by implementing these; the engine knows nothing else of it.
+class TaskBase:
+    """A trainer: one subclass per module under mm/tasks/, satisfying mm.engine.task.Task.
 
-    - build_model: the nn.Module whose trainable parameters are exactly those meant to train;
-    - batches: an iterable of batches built on mm.data (with a state_dict for exact resume);
-    - losses: named scalar tensors, `loss` the one to optimise; called on the engine so that
-      ZeRO-3 gathers parameters through the model's own forward;
-    - evaluate: named floats; called on every rank (ZeRO-3 gathers are collective).
+    Built from its run config (`Task(cfg)`; None = the config class's defaults), it keeps the config
+    and builds its loss module from the `loss` section once, here, so `losses` needs nothing but the
+    model, the batch and the step. Subclasses set `name` and `config_class` and implement
+    build_model, batches and losses; the rest has defaults.
     """
 
-    name: str = ""
-    config_class: type = RunConfig
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = RunConfig
+    # Suffixes of the evaluation metrics the one-line summary of `mm train` prints.
+    headline: ClassVar[tuple[str, ...]] = ("acc1", "acc5")
 
-    def check_config(self, cfg: Any) -> None:
-        """Raise UserError on values the config types cannot check; runs before any input is read."""
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg if cfg is not None else self.config_class()
 
-    def build_model(self, cfg: Any, load_pretrained: bool = True) -> torch.nn.Module:
+    def check(self) -> None:
+        """Raise UserError on what the config types cannot check; runs before anything is read or
+        written. By default: the local shards of data.train exist."""
+        train = getattr(self.cfg.data, "train", "")
+        if isinstance(train, str) and train.strip():
+            check_local_shards(train, "data.train")
+
+    def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
         raise NotImplementedError
 
-    def batches(self, cfg: Any, split: str, rank: int = 0, world_size: int = 1,
-                state: dict | None = None) -> Loader:
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Batches:
         raise NotImplementedError
 
-    def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def evaluate(self, model: torch.nn.Module, cfg: Any) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return {}
 
-    # A task whose model is mostly frozen pretrained weights may export only what trains; loading then
-    # rebuilds the rest from the base checkpoint (mm.engine.checkpoint.load_exported).
-    def export_keys(self, model: torch.nn.Module, cfg: Any) -> set[str] | None:
-        """State-dict keys the exported file holds; None = every weight (a full export)."""
-        return None
+    def export_plan(self, model: torch.nn.Module) -> ExportPlan:
+        """Every weight, by default. A task whose model is mostly frozen pretrained weights may export
+        only what trains, with metadata naming the base weights (see build_export_base)."""
+        return ExportPlan()
 
-    def export_metadata(self, cfg: Any) -> dict[str, str]:
-        """Extra metadata of a trainable-only export (what identifies its base weights)."""
-        return {}
-
-    def build_export_base(self, cfg: Any, meta: dict[str, str], path: str,
+    def build_export_base(self, meta: dict[str, str], path: str,
                           base_checkpoint: str | None = None) -> torch.nn.Module:
         """The model with its base weights loaded, for a trainable-only export to complete."""
         raise NotImplementedError(f"{self.name} has no trainable-only exports")
+
+    def eval_inputs(self) -> tuple[Callable, Callable] | None:
+        """(tokenizer, eval preprocess) that feed the model's encode_text / encode_image, for the
+        evaluation commands; None for a model without them."""
+        return None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def zeroshot_metrics(model: torch.nn.Module, cfg: Any, tokenizer: Callable, preprocess: Callable,
+                     scorings: tuple[str, ...] = ("pooled",)) -> dict[str, float]:
+    """Zero-shot classification of cfg.eval.zeroshot_data under each scoring (mm.metrics.zeroshot):
+    `zeroshot/<metric>` for pooled, `zeroshot_<scoring>/<metric>` for the others. {} without data."""
+    if not cfg.eval.zeroshot_data:
+        return {}
+    from mm.data.classnames import load_classnames, load_templates
+    from mm.data.streams import labelled_shard_batches
+    from mm.metrics.zeroshot import evaluate_zeroshot_batches
+
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    classnames, templates = load_classnames(cfg.eval.classnames), load_templates(cfg.eval.templates)
+    out: dict[str, float] = {}
+    for scoring in scorings:
+        batches = labelled_shard_batches(preprocess, None, cfg.eval.zeroshot_data, len(classnames),
+                                         cfg.eval.batch_size)
+        metrics = evaluate_zeroshot_batches(model, tokenizer, batches, classnames, templates, device, scoring)
+        if scoring == "pooled":
+            out.update({f"zeroshot/{k}": v for k, v in metrics.items()})
+        else:
+            out.update({f"zeroshot_{scoring}/{k}": v for k, v in metrics.items() if k != "n_images"})
+    return out

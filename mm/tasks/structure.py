@@ -1,9 +1,9 @@
 """STRUCTURE on the shared engine (docs/methods.md §3): heads over frozen pretrained encoders, trained on
 cached features with InfoNCE(tau) + lambda_t (R_S(image) + R_S(text)) / 2.
 
-Workflow (`mm-structure`, mm/tasks/structure_cli.py): `cache` extracts every layer of both encoders
+Workflow (`mm structure`, mm/tasks/structure_cli.py): `cache` extracts every layer of both encoders
 once; `select` scores every (vision layer, text layer) pair and writes a config with the best pair;
-`train/structure.py` trains the heads on the cached features of the chosen layers under ZeRO 1/2/3.
+`mm train structure` (train/structure.py) trains the heads on the cached features of the chosen layers under ZeRO 1/2/3.
 Each global batch is drawn from one seeded permutation of the cache per epoch and split over the
 ranks; the loss (InfoNCE and R_S) is computed on the gathered global batch, as the release computes
 it on its single-GPU batch of 4096.
@@ -11,15 +11,16 @@ it on its single-GPU batch of 4096.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from mm import dist as mmdist
 from mm.config import RunConfig
 from mm.data.feature_cache import FeatureCache, expected_identity
+from mm.engine.task import ONE_RANK, World
 from mm.errors import ConfigError, DataError
 from mm.losses.structure import DIVERGENCES, structure_loss
 from mm.models.encoders import build_encoder, identity_digest, resolve_layer
@@ -29,7 +30,7 @@ from mm.models.structure import (
     structure_preprocess,
     structure_tokenizer,
 )
-from mm.tasks.base import Task
+from mm.tasks.base import TaskBase, zeroshot_metrics
 
 
 @dataclass
@@ -106,22 +107,26 @@ class CachedFeatureBatches:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
-class StructureTask(Task):
+class StructureTask(TaskBase):
     name = "structure"
     config_class = StructureRunConfig
-    reads_train_shards = False  # trains on the feature cache; data.train is read by `mm-structure cache`
 
-    def __init__(self) -> None:
-        # losses() receives only the engine and a batch: the loss settings are taken from the config
-        # when the model and the batches are built.
-        self.loss_cfg = StructureLossConfig()
+    def __init__(self, cfg: StructureRunConfig | None = None) -> None:
+        super().__init__(cfg)
+        lc = self.cfg.loss
+        _check(self.cfg)
+        self.loss = functools.partial(structure_loss, tau=lc.tau, lam=lc.lam, warmup_steps=lc.warmup_steps,
+                                      levels=lc.levels, divergence=lc.divergence)
 
-    def build_model(self, cfg: StructureRunConfig, load_pretrained: bool = True) -> torch.nn.Module:
+    def check(self) -> None:
+        """Trains on the feature cache (checked when the model is built); data.train is read by
+        `mm structure cache`, not here."""
+
+    def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
         """Training (load_pretrained): heads sized from the checked cache, with the cache's encoder
         digests. Loading an export: the frozen encoders are built from their paths (the export holds
         only the heads and the digests, which are checked at the first encode)."""
-        _check(cfg)
-        self.loss_cfg = cfg.loss
+        cfg = self.cfg
         if load_pretrained:
             cache = open_checked_cache(cfg)
             model = build_structure_model(cfg.model, cache.vision_dims, cache.text_dims)
@@ -134,42 +139,28 @@ class StructureTask(Task):
         model.attach_encoders(vision, text)
         return model
 
-    def batches(self, cfg: StructureRunConfig, split: str, rank: int = 0, world_size: int = 1,
-                state: dict | None = None) -> CachedFeatureBatches:
-        self.loss_cfg = cfg.loss
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> CachedFeatureBatches:
+        cfg = self.cfg
         cache = open_checked_cache(cfg)
         v = resolve_layer(cfg.model.vision_layer, len(cache.vision_dims), "model.vision_layer")
         t = resolve_layer(cfg.model.text_layer, len(cache.text_dims), "model.text_layer")
         return CachedFeatureBatches(cache.layer("vision", v), cache.layer("text", t), cfg.data.batch_size,
-                                    cfg.train.seed, rank, world_size, state)
+                                    cfg.train.seed, world.rank, world.size, state)
 
-    def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        lc = self.loss_cfg
-        # The engine counts optimizer steps; lambda's warm-up follows them (and resumes with them).
-        step = int(getattr(model, "global_steps", 0))
+    def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        # lambda's warm-up follows the optimizer steps (and resumes with them).
         img, txt = model(batch["vision"], batch["text"])
         gather = mmdist.all_gather_with_grad
-        return structure_loss(mmdist.all_gather_no_grad(batch["vision"].float()),
-                              mmdist.all_gather_no_grad(batch["text"].float()),
-                              gather(img.float()), gather(txt.float()), step, tau=lc.tau, lam=lc.lam,
-                              warmup_steps=lc.warmup_steps, levels=lc.levels, divergence=lc.divergence)
+        return self.loss(mmdist.all_gather_no_grad(batch["vision"].float()),
+                         mmdist.all_gather_no_grad(batch["text"].float()),
+                         gather(img.float()), gather(txt.float()), step)
 
-    def evaluate(self, model: torch.nn.Module, cfg: StructureRunConfig) -> dict[str, float]:
-        if not cfg.eval.zeroshot_data:
-            return {}
-        from mm.data.classnames import load_classnames, load_templates
-        from mm.metrics.zeroshot import evaluate_zeroshot
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return zeroshot_metrics(model, self.cfg, *self.eval_inputs())
 
-        device = next(model.parameters()).device
-        tokenizer, preprocess = self.tokenizer_and_preprocess(cfg)
-        metrics = evaluate_zeroshot(model, tokenizer, preprocess, cfg.eval.zeroshot_data,
-                                    load_classnames(cfg.eval.classnames), load_templates(cfg.eval.templates),
-                                    cfg.eval.batch_size, device=device)
-        return {f"zeroshot/{k}": v for k, v in metrics.items()}
-
-    def tokenizer_and_preprocess(self, cfg: StructureRunConfig) -> tuple[Any, Any]:
-        """What the evaluation CLIs feed encode_text / encode_image (mm.evaluate.models)."""
-        return structure_tokenizer(cfg.model), structure_preprocess(cfg.model)
+    def eval_inputs(self) -> tuple[Callable, Callable]:
+        """The frozen encoders' own tokenizer and preprocessing (not open_clip's of a CLIP model)."""
+        return structure_tokenizer(self.cfg.model), structure_preprocess(self.cfg.model)
 
 
 def _check(cfg: StructureRunConfig) -> None:

@@ -1,11 +1,11 @@
-"""mm-structure: the preparation steps of a STRUCTURE run.
+"""mm structure: the preparation steps of a STRUCTURE run.
 
-  mm-structure cache  --config C   one pass over data.train: every layer of both frozen encoders, on disk
-  mm-structure select --config C   score every (vision layer, text layer) pair on n cached pairs with
+  mm structure cache  --config C   one pass over data.train: every layer of both frozen encoders, on disk
+  mm structure select --config C   score every (vision layer, text layer) pair on n cached pairs with
                                    mutual k-NN and CKA; writes alignment_<metric>.json / .png and
                                    train.yaml (C with the best pair by select.metric filled in)
-Then train: `deepspeed train/structure.py --config <select.out>/train.yaml` (or keep C's layers, -1/-1
-= the last layers, as the baseline).
+Then train: `mm train structure --config <select.out>/train.yaml` (or keep C's layers, -1/-1 = the
+last layers, as the baseline).
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ import json
 import os
 from pathlib import Path
 
+from mm.cliargs import add_config_options, add_debug, command_prog
 from mm.errors import ConfigError, cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm-structure", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=command_prog("structure"), description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (("cache", "extract and store every layer's features of both encoders"),
                             ("select", "score every layer pair and write the best one into a train config")):
         s = sub.add_parser(name, help=help_text)
-        s.add_argument("--config", required=True, help="STRUCTURE run config (configs/structure/*.yaml)")
-        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set cache.dir=runs/cache (repeatable)")
-        s.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+        add_config_options(s, "cache.dir=runs/cache")
+        add_debug(s)
         if name == "cache":
             s.add_argument("--overwrite", action="store_true", help="rebuild a cache directory that exists")
     return p

@@ -13,6 +13,7 @@ mm/models/structure_clip.py for why).
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ import torch
 from mm import dist as mmdist
 from mm.config import RunConfig
 from mm.data.image_text import image_text_map
-from mm.data.loader import Loader, StreamSpec, default_collate
+from mm.data.loader import Loader
+from mm.data.streams import stream_from_config
+from mm.engine.task import ONE_RANK, World
 from mm.errors import UserError
 from mm.losses.structure_clip import BASES, structure_clip_loss
 from mm.models.clip import clip_preprocess, clip_tokenizer
@@ -32,8 +35,8 @@ from mm.models.structure_clip import StructureClipModel, StructureClipModelConfi
 from mm.scenegraph import SceneGraph, hard_negative, parse_simple
 from mm.scenegraph.negatives import KINDS
 from mm.scenegraph.parse import PARSERS, caption_parser, describe_parser, resolve_parser
-from mm.tasks.base import Task
-from mm.tasks.clip import zeroshot_metrics
+from mm.scenegraph.samples import sample_graph
+from mm.tasks.base import TaskBase, zeroshot_metrics
 
 
 @dataclass
@@ -71,20 +74,6 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def sample_graph(meta: dict, caption: str,
-                 parse: Callable[[str], SceneGraph] = parse_simple) -> SceneGraph:
-    """The json `scene_graph` if present and valid, else the caption parsed by `parse`."""
-    data = meta.get("scene_graph")
-    if isinstance(data, dict):
-        try:
-            graph = SceneGraph.from_dict(data)
-            if graph:
-                return graph
-        except (KeyError, TypeError, ValueError):
-            pass
-    return parse(caption)
-
-
 def sample_negative(graph: SceneGraph, caption: str, rng: random.Random, kinds: list[str]) -> str | None:
     """One hard negative caption (hard_negative), or None.
 
@@ -116,40 +105,24 @@ def structure_clip_map(preprocess: Callable, tokenizer: Callable, kinds: list[st
     return sample_map
 
 
-def structure_clip_batches(cfg: StructureClipRunConfig, split: str, rank: int, world_size: int,
-                           state: dict | None) -> Loader:
-    train = split == "train"
-    m = cfg.model
-    spec = StreamSpec(
-        urls=cfg.data.train if train else cfg.data.val,
-        sample_map=structure_clip_map(clip_preprocess(m, is_train=train), clip_tokenizer(m),
-                                      list(cfg.loss.negatives), m.max_triples, m.triple_tokens,
-                                      caption_parser(resolve_parser(cfg.loss.parser, "loss.parser"))),
-        collate=default_collate, batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
-        world_size=world_size, num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer if train else 0, repeat=train,
-        resampled=cfg.data.resampled and train, weights=cfg.data.train_weights if train else [],
-    )
-    return Loader(spec, state=state, max_bad_fraction=cfg.data.max_bad_fraction)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-class StructureClipTask(Task):
+class StructureClipTask(TaskBase):
     name = "structure_clip"
     config_class = StructureClipRunConfig
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: StructureClipRunConfig | None = None) -> None:
+        super().__init__(cfg)
+        lc = self.cfg.loss
+        check_loss_config(lc)
+        self.loss = functools.partial(structure_clip_loss, base=lc.base, margin=lc.margin,
+                                      neg_weight=lc.neg_weight, neg_margin=lc.neg_margin)
         self._reported = False
 
-    def check_config(self, cfg: StructureClipRunConfig) -> None:
-        check_loss_config(cfg.loss)
-        resolve_parser(cfg.loss.parser, "loss.parser")  # a missing spaCy model, before any data is read
+    def check(self) -> None:
+        resolve_parser(self.cfg.loss.parser, "loss.parser")  # a missing spaCy model, before any data is read
+        super().check()
 
-    def build_model(self, cfg: StructureClipRunConfig, load_pretrained: bool = True) -> torch.nn.Module:
-        check_loss_config(cfg.loss)
+    def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
+        cfg = self.cfg
         if load_pretrained:
             # Training: a missing spaCy model fails here, before any compute. A model rebuilt from a
             # checkpoint (load_pretrained=False) is for evaluation or export, which parse no captions.
@@ -158,24 +131,24 @@ class StructureClipTask(Task):
                 print(f"structure_clip: captions without a json scene_graph are parsed by "
                       f"{describe_parser(parser, cfg.loss.parser)}", flush=True)
                 self._reported = True
-        model = StructureClipModel(cfg.model, load_pretrained)
-        # The loss options travel with the model: `losses` sees only the engine.
-        model.loss_options = {"base": cfg.loss.base, "margin": cfg.loss.margin,
-                              "neg_weight": cfg.loss.neg_weight, "neg_margin": cfg.loss.neg_margin}
-        return model
+        return StructureClipModel(cfg.model, load_pretrained)
 
-    def batches(self, cfg: StructureClipRunConfig, split: str, rank: int = 0, world_size: int = 1,
-                state: dict | None = None) -> Loader:
-        check_loss_config(cfg.loss)
-        return structure_clip_batches(cfg, split, rank, world_size, state)
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
+        cfg, m = self.cfg, self.cfg.model
+        sample_map = structure_clip_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m),
+                                        list(cfg.loss.negatives), m.max_triples, m.triple_tokens,
+                                        caption_parser(resolve_parser(cfg.loss.parser, "loss.parser")))
+        return stream_from_config(cfg.data, split, sample_map, seed=cfg.train.seed, rank=world.rank,
+                                  world_size=world.size, eval_batch_size=cfg.eval.batch_size, state=state)
 
-    def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         # Through the model's own forward (the engine's), so ZeRO-3 gathers every parameter it uses.
         out = model(batch["image"], batch["text"], batch["neg_text"], batch["triples"], batch["triple_mask"])
-        options = getattr(_unwrap(model), "loss_options", {})
-        return structure_clip_loss(out["image_features"], out["text_features"], out["neg_text_features"],
-                                   batch["has_neg"], out["logit_scale"], hinge_text=out["tower_text_features"],
-                                   **options)
+        return self.loss(out["image_features"], out["text_features"], out["neg_text_features"],
+                         batch["has_neg"], out["logit_scale"], hinge_text=out["tower_text_features"])
 
-    def evaluate(self, model: torch.nn.Module, cfg: StructureClipRunConfig) -> dict[str, float]:
-        return zeroshot_metrics(model, cfg)
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return zeroshot_metrics(model, self.cfg, *self.eval_inputs())
+
+    def eval_inputs(self) -> tuple[Callable, Callable]:
+        return clip_tokenizer(self.cfg.model), clip_preprocess(self.cfg.model, False)

@@ -5,13 +5,13 @@ on segmentation shards (`key.png|jpg` + `key.mask.png` + optional `key.fov.png`)
 Export (`<out_dir>/export/model.safetensors`, train.export):
 - `trainable` holds only the LoRA matrices, the adapter (with its BatchNorm statistics) and the mask
   decoder, plus metadata naming the base SAM checkpoint (variant, absolute path, size, sha256): about
-  20 MB for vit_b instead of 380 MB. mm.engine.checkpoint.load_exported rebuilds SAM from that file
+  20 MB for vit_b instead of 380 MB. mm.tasks.load_exported rebuilds SAM from that file
   (or from `base_checkpoint=`) and refuses any other file.
 - `full` holds every weight, the frozen SAM included (ZeRO-1 checkpoints lack frozen parameters, so the
   engine fills them from the module).
 - `auto` (default) is `trainable` when model.checkpoint is set and `full` otherwise: a randomly
   initialised SAM (the CPU test sizes) has no file to rebuild its frozen weights from.
-`mm-merge-lora` (mm/evaluate/merge_lora.py) folds LoRA into the encoder weights of either kind.
+`mm export --format sam` (mm/evaluate/export.py; alias mm-merge-lora) folds LoRA into the encoder weights of either kind.
 
 Validation runs at the model's input resolution (the image resized so its longest side is
 model.image_size, padding excluded); native-resolution sliding-window inference restricted to the
@@ -35,7 +35,9 @@ from PIL import Image
 from mm import dist as mmdist
 from mm.config import DataConfig, RunConfig, TrainConfig
 from mm.data.image_text import decode_image
-from mm.data.loader import Loader, SampleError, StreamSpec, default_collate
+from mm.data.loader import Loader, SampleError
+from mm.data.streams import stream_from_config
+from mm.engine.task import ONE_RANK, ExportPlan, World
 from mm.errors import ConfigError, UserError
 from mm.losses.segmentation import SegLoss
 from mm.metrics.segmentation import pool_metrics, segmentation_metrics
@@ -49,7 +51,7 @@ from mm.models.sam import (
     trainable_parameter_report,
     trainable_state_keys,
 )
-from mm.tasks.base import Task
+from mm.tasks.base import TaskBase
 
 # Image fields of a segmentation sample; `mask.png` and `fov.png` are separate fields of the same key.
 SEG_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -57,10 +59,8 @@ SEG_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 @dataclass
 class SegDataConfig(DataConfig):
-    """The shared data section plus the segmentation augmentation (training split only).
-
-    data.image_size is not used here: images go to the model at model.image_size.
-    """
+    """The shared data section plus the segmentation augmentation (training split only); images go to
+    the model at model.image_size."""
 
     augment: bool = True  # random scale/crop and flips on the training split
     crop_min: float = 0.6  # smallest crop side, as a fraction of the image side (1.0 = no crop)
@@ -162,24 +162,12 @@ def seg_sample_map(image_size: int, data: SegDataConfig | None = None,
     return sample_map
 
 
-def seg_batches(cfg: TopoLoraRunConfig, split: str, rank: int = 0, world_size: int = 1,
-                state: dict | None = None) -> Loader:
-    """The shared loader over segmentation shards: endless and shuffled for 'train', one pass otherwise
-    (every rank reads the whole val set)."""
-    train = split == "train"
-    urls = cfg.data.train if train else cfg.data.val
-    if not urls:
-        raise UserError(f"data.{'train' if train else 'val'}: no shards given")
-    spec = StreamSpec(
-        urls=urls, sample_map=seg_sample_map(cfg.model.image_size, cfg.data, train),
-        collate=default_collate, batch_size=cfg.data.batch_size if train else cfg.eval.batch_size,
-        seed=cfg.train.seed, rank=rank if train else 0, world_size=world_size if train else 1,
-        num_workers=cfg.data.num_workers if train else 0,
-        shuffle_buffer=cfg.data.shuffle_buffer if train else 0, repeat=train,
-        resampled=cfg.data.resampled and train, weights=cfg.data.train_weights if train else [],
-        drop_last=train,
-    )
-    return Loader(spec, state=state, max_bad_fraction=cfg.data.max_bad_fraction)
+def seg_batches(cfg: TopoLoraRunConfig, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
+    """The shared loader over segmentation shards (mm.data.streams): endless and shuffled for 'train',
+    one pass otherwise (every rank reads the whole val set)."""
+    sample_map = seg_sample_map(cfg.model.image_size, cfg.data, split == "train")
+    return stream_from_config(cfg.data, split, sample_map, seed=cfg.train.seed, rank=world.rank,
+                              world_size=world.size, eval_batch_size=cfg.eval.batch_size, state=state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,47 +208,48 @@ def evaluate_segmentation(model: torch.nn.Module, cfg: TopoLoraRunConfig, thresh
 # The task
 
 
-class TopoLoraSamTask(Task):
+class TopoLoraSamTask(TaskBase):
     name = "topolora_sam"
     config_class = TopoLoraRunConfig
+    headline = ("/dice", "/cldice", "/iou")
 
-    def __init__(self) -> None:
-        self.seg_loss = SegLoss()
+    def __init__(self, cfg: TopoLoraRunConfig | None = None) -> None:
+        super().__init__(cfg)
+        export_kind(self.cfg)  # a bad train.export fails before training, not at its end
+        lc = self.cfg.loss
+        self.loss = SegLoss(lc.bce, lc.dice, lc.cldice, lc.cldice_iters)
         self._reported = False
 
-    def build_model(self, cfg: TopoLoraRunConfig, load_pretrained: bool = True) -> torch.nn.Module:
-        export_kind(cfg)  # a bad train.export fails before training, not at its end
-        model = build_topolora_sam(cfg.model, load_pretrained)
-        lc = cfg.loss
-        self.seg_loss = SegLoss(lc.bce, lc.dice, lc.cldice, lc.cldice_iters)
+    def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
+        model = build_topolora_sam(self.cfg.model, load_pretrained)
         if load_pretrained and not self._reported and mmdist.rank() == 0:
             print(f"topolora_sam: {format_parameter_report(trainable_parameter_report(model))}", flush=True)
             self._reported = True
         return model
 
-    def batches(self, cfg: TopoLoraRunConfig, split: str, rank: int = 0, world_size: int = 1,
-                state: dict | None = None) -> Loader:
-        return seg_batches(cfg, split, rank, world_size, state)
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
+        return seg_batches(self.cfg, split, world, state)
 
-    def losses(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
-        return self.seg_loss(logits, batch["mask"], batch["valid"])
+        return self.loss(logits, batch["mask"], batch["valid"])
 
-    def evaluate(self, model: torch.nn.Module, cfg: TopoLoraRunConfig) -> dict[str, float]:
-        return evaluate_segmentation(model, cfg)
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_segmentation(model, self.cfg)
 
-    def export_keys(self, model: torch.nn.Module, cfg: TopoLoraRunConfig) -> set[str] | None:
-        return trainable_state_keys(model) if export_kind(cfg) == "trainable" else None
-
-    def export_metadata(self, cfg: TopoLoraRunConfig) -> dict[str, str]:
+    def export_plan(self, model: torch.nn.Module) -> ExportPlan:
+        cfg = self.cfg
+        if export_kind(cfg) != "trainable":
+            return ExportPlan()
         base = {"variant": cfg.model.variant, **checkpoint_identity(cfg.model.checkpoint)}
-        return {"mm_base": json.dumps(base, sort_keys=True)}
+        return ExportPlan(trainable_state_keys(model), {"mm_base": json.dumps(base, sort_keys=True)})
 
-    def build_export_base(self, cfg: TopoLoraRunConfig, meta: dict[str, str], path: str,
+    def build_export_base(self, meta: dict[str, str], path: str,
                           base_checkpoint: str | None = None) -> torch.nn.Module:
         """SAM from the export's base checkpoint (`base_checkpoint`, else the recorded absolute path, else
         model.checkpoint as configured) with LoRA and the adapter; cfg.model.checkpoint is set to the
         file used. Another variant or another file than the one trained on is a UserError."""
+        cfg = self.cfg
         base = json.loads(meta.get("mm_base", "{}"))
         candidates = [base_checkpoint] if base_checkpoint else [base.get("path"), cfg.model.checkpoint]
         found = next((c for c in candidates if c and Path(c).is_file()), None)

@@ -20,7 +20,7 @@ TINY = [
 
 def main(shards: str, out: str, stages: list[int]) -> None:
     from mm.config import load_config
-    from mm.engine.checkpoint import load_exported
+    from mm.tasks import load_exported
     from mm.engine.trainer import init_distributed, train
     from mm.tasks import get_task
 
@@ -33,7 +33,7 @@ def main(shards: str, out: str, stages: list[int]) -> None:
                          "train.steps=10", "train.ckpt_every=3", "train.keep_checkpoints=10"]
         a_dir, b_dir = Path(out) / f"z{stage}a", Path(out) / f"z{stage}b"
         cfg_a = load_config(ROOT / "configs/clip/tiny.yaml", common + [f"train.out_dir={a_dir}"], task.config_class)
-        res_a = train(task, cfg_a)
+        res_a = train(get_task(task.name, cfg_a))
 
         # The exported file loads into a plain model (no DeepSpeed) that gives the trained model's outputs.
         gen = torch.Generator().manual_seed(0)
@@ -54,7 +54,7 @@ def main(shards: str, out: str, stages: list[int]) -> None:
             (b_dir / "checkpoints" / "latest").write_text("step00000003")
         dist.barrier()
         cfg_b = load_config(ROOT / "configs/clip/tiny.yaml", common + [f"train.out_dir={b_dir}"], task.config_class)
-        res_b = train(task, cfg_b)
+        res_b = train(get_task(task.name, cfg_b))
 
         from safetensors.torch import load_file
 

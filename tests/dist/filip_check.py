@@ -20,7 +20,7 @@ TINY = [
 
 def main(shards: str, val: str, out: str, stages: list[int]) -> None:
     from mm.config import load_config
-    from mm.engine.checkpoint import load_exported
+    from mm.tasks import load_exported
     from mm.engine.trainer import init_distributed, train
     from mm.tasks import get_task
 
@@ -33,7 +33,7 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
         overrides = TINY + [f"data.train={shards}", f"eval.zeroshot_data={val}", f"train.out_dir={run_dir}",
                             f"train.deepspeed_config={ROOT}/configs/ds/zero{stage}.json"]
         cfg = load_config(ROOT / "configs/filip/tiny.yaml", overrides, task.config_class)
-        res = train(task, cfg)
+        res = train(get_task(task.name, cfg))
 
         gen = torch.Generator().manual_seed(0)
         image = torch.randn(4, 3, 32, 32, generator=gen)
@@ -53,7 +53,7 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
             "eval": res["eval"],
             "export": str(res["export"]),
             # The same evaluation on the exported fp32 copy, without DeepSpeed: ZeRO-3 must not change it.
-            "eval_of_export": task.evaluate(plain, cfg),
+            "eval_of_export": get_task(task.name, cfg).evaluate(plain),
             "zeroshot_logged_at": [r["step"] for r in records if "zeroshot/acc1" in r],
         }
     if rank == 0:

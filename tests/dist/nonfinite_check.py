@@ -29,8 +29,8 @@ def faulty_task(schedule: dict[int, dict[int, tuple[str, float]]]):
     class FaultyClip(ClipTask):
         calls = 0
 
-        def losses(self, model, batch):
-            out = super().losses(model, batch)
+        def losses(self, model, batch, step):
+            out = super().losses(model, batch, step)
             out["aux"] = 0.0 * out["loss"]
             FaultyClip.calls += 1
             fault = schedule.get(FaultyClip.calls, {}).get(dist.get_rank())
@@ -39,18 +39,19 @@ def faulty_task(schedule: dict[int, dict[int, tuple[str, float]]]):
                 out[name] = out[name] + value  # keeps the graph, as a real overflow would
             return out
 
-    return FaultyClip()
+    return FaultyClip
 
 
 def run(shards: str, out: Path, schedule: dict, extra: list[str]) -> dict:
     from mm.config import load_config
     from mm.engine.trainer import train
 
-    task = faulty_task(schedule)
+    task_class = faulty_task(schedule)
     cfg = load_config(ROOT / "configs/clip/tiny.yaml", TINY + extra + [f"data.train={shards}", f"train.out_dir={out}"],
-                      task.config_class)
+                      task_class.config_class)
+    task = task_class(cfg)
     try:
-        res = train(task, cfg)
+        res = train(task)
     except Exception as e:  # the test checks the type and the message
         return {"error": type(e).__name__, "message": str(e), "calls": task.calls}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def main(config: str, out: str, stages: list[int]) -> None:
     from mm.config import load_config
-    from mm.engine.checkpoint import load_exported
+    from mm.tasks import load_exported
     from mm.engine.trainer import init_distributed, train
     from mm.tasks import get_task
 
@@ -25,15 +25,15 @@ def main(config: str, out: str, stages: list[int]) -> None:
         run_dir = Path(out) / f"z{stage}"
         cfg = load_config(config, [f"train.out_dir={run_dir}",
                                    f"train.deepspeed_config={ROOT}/configs/ds/zero{stage}.json"], task.config_class)
-        res = train(task, cfg)
+        res = train(get_task(task.name, cfg))
         engine = res["engine"]
 
         # One fixed batch of cached features and of images through the trained engine (every rank:
         # ZeRO-3 gathers are collective) and through the export loaded into a plain model.
-        batch = next(iter(task.batches(cfg, "train", rank=0, world_size=1)))
-        from mm.metrics.zeroshot import labelled_shard_batches
+        batch = next(iter(get_task(task.name, cfg).batches("train")))
+        from mm.data.streams import labelled_shard_batches
 
-        tokenizer, preprocess = task.tokenizer_and_preprocess(cfg)
+        tokenizer, preprocess = get_task(task.name, cfg).eval_inputs()
         images = next(iter(labelled_shard_batches(preprocess, tokenizer, cfg.eval.zeroshot_data, 12, 8)))["image"]
         tokens = tokenizer(["a red circle", "a blue square above a green triangle"])
         with torch.no_grad():

@@ -20,7 +20,7 @@ TINY = [
 
 def main(shards: str, val: str, out: str, stages: list[int]) -> None:
     from mm.config import load_config
-    from mm.engine.checkpoint import load_exported
+    from mm.tasks import load_exported
     from mm.engine.trainer import init_distributed, train
     from mm.tasks import get_task
 
@@ -33,11 +33,11 @@ def main(shards: str, val: str, out: str, stages: list[int]) -> None:
         overrides = TINY + [f"data.train={shards}", f"eval.zeroshot_data={val}", f"train.out_dir={run_dir}",
                             f"train.deepspeed_config={ROOT}/configs/ds/zero{stage}.json"]
         cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", overrides, task.config_class)
-        res = train(task, cfg)
+        res = train(get_task(task.name, cfg))
 
         # The same fixed batch through the trained engine (every rank: ZeRO-3 gathers are collective)
         # and through the exported weights loaded into a plain model.
-        loader = task.batches(cfg, "train", rank=0, world_size=1)
+        loader = get_task(task.name, cfg).batches("train")
         batch = next(iter(loader))
         args = [batch[k] for k in ("image", "text", "neg_text", "triples", "triple_mask")]
         engine = res["engine"]

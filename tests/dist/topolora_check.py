@@ -29,7 +29,8 @@ def main(train: str, val: str, out: str, stages: list[int], steps: int, base_sta
     from safetensors import safe_open
 
     from mm.config import load_config
-    from mm.engine.checkpoint import load_exported, read_export_metadata
+    from mm.exports import read_export_metadata
+    from mm.tasks import load_exported
     from mm.engine.trainer import init_distributed
     from mm.engine.trainer import train as run
     from mm.evaluate.merge_lora import merge_export
@@ -53,7 +54,7 @@ def main(train: str, val: str, out: str, stages: list[int], steps: int, base_sta
         dist.barrier()
         # Validation of the model as the trainer builds it at step 0 (same seed), before any step.
         torch.manual_seed(cfg.train.seed)
-        before = task.evaluate(task.build_model(cfg), cfg)
+        before = get_task(task.name, cfg).evaluate(get_task(task.name, cfg).build_model())
         res = run(task, cfg)
         after = res["eval"]
 

@@ -30,7 +30,7 @@ def main(shards: str, out: str) -> None:
     for name, extra in variants.items():
         overrides = TINY + [f"data.train={shards}", "train.steps=3", "data.num_workers=1",
                             f"train.out_dir={out}/{name}"] + extra
-        res = train(task, load_config(ROOT / "configs/clip/tiny.yaml", overrides, task.config_class))
+        res = train(get_task("clip", load_config(ROOT / "configs/clip/tiny.yaml", overrides, task.config_class)))
         weights = load_file(res["export"])
         results[name] = {"loss": res["last"]["loss"], "step": res["step"],
                          "finite": all(bool(w.isfinite().all()) for w in weights.values()),

@@ -13,7 +13,7 @@ import traceback
 
 
 def main(cases_path: str, results_path: str) -> None:
-    from mm.engine.cli import train_main
+    from mm.cli import train_main
 
     results = {}
     for case in json.loads(open(cases_path).read()):

@@ -79,7 +79,7 @@ def main(shards: str, out_root: str, run: str, tasks: list[str], kill: str) -> N
         task, cfg = task_config(name, shards, out_dir)
         if name == "structure":
             ensure_cache(cfg, rank)
-        train(task, cfg)
+        train(type(task)(cfg))
         dist.barrier()
         if rank == 0:
             (out_dir / "done").write_text("")
