@@ -36,6 +36,9 @@ class DataConfig:
     image_size: int = 64
     max_bad_fraction: float = 0.1  # stop when more than this share of samples is corrupt
     context_length: int = 77
+    # Image-text samples with several captions (json `captions`, as mm-shards coco writes): "draw" one
+    # per sample and epoch (seeded: resume sees the same), or "first" (the txt caption only).
+    captions: str = "draw"
 
 
 @dataclass

@@ -27,7 +27,8 @@ def image_text_batches(cfg: ClipRunConfig, split: str, rank: int, world_size: in
     train = split == "train"
     spec = StreamSpec(
         urls=cfg.data.train if train else cfg.data.val,
-        sample_map=image_text_map(clip_preprocess(cfg.model, is_train=train), clip_tokenizer(cfg.model)),
+        sample_map=image_text_map(clip_preprocess(cfg.model, is_train=train), clip_tokenizer(cfg.model),
+                                  captions=cfg.data.captions),
         collate=default_collate, batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
         world_size=world_size, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer if train else 0, repeat=train,

@@ -70,8 +70,8 @@ def tokenwise_zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: 
     was_training = model.training
     model.eval()
     class_tokens, class_mask = tokenwise_classifier_tokens(model, tokenizer, classnames, templates, device)
-    spec = StreamSpec(urls=urls, sample_map=labelled_map(image_text_map(preprocess, tokenizer, False),
-                                                         len(classnames)),
+    sample_map = labelled_map(image_text_map(preprocess, tokenizer, False, captions="first"), len(classnames))
+    spec = StreamSpec(urls=urls, sample_map=sample_map,
                       collate=default_collate, batch_size=batch_size, num_workers=num_workers,
                       shuffle_buffer=0, repeat=False, drop_last=False)
     all_logits, all_labels = [], []

@@ -30,6 +30,7 @@ from mm.models.clip import clip_preprocess, clip_tokenizer
 from mm.models.kee import encode_triples
 from mm.models.structure_clip import StructureClipModel, StructureClipModelConfig
 from mm.scenegraph import SceneGraph, hard_negative, parse_simple
+from mm.scenegraph.captions import CAPTION_REASONS, NO_SWAP, analyse_caption
 from mm.scenegraph.negatives import KINDS
 from mm.scenegraph.parse import PARSERS, caption_parser, describe_parser, resolve_parser
 from mm.tasks.base import Task
@@ -71,6 +72,18 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def sample_graph_json(meta: dict, index: int) -> Any:
+    """The json scene graph of the sample's caption number `index`: `scene_graphs[index]` (mm-shards
+    coco writes one per caption), else `scene_graph` for the txt caption (index 0); None when the
+    sample has no graph for it (the caption is then parsed)."""
+    graphs = meta.get("scene_graphs")
+    if isinstance(graphs, list) and index < len(graphs) and graphs[index] is not None:
+        return graphs[index]
+    if index == 0 and "scene_graph" in meta:
+        return meta["scene_graph"]
+    return None
+
+
 def sample_graph(meta: dict, caption: str,
                  parse: Callable[[str], SceneGraph] = parse_simple) -> SceneGraph:
     """The json `scene_graph` if present and valid, else the caption parsed by `parse`."""
@@ -86,11 +99,8 @@ def sample_graph(meta: dict, caption: str,
 
 
 def sample_negative(graph: SceneGraph, caption: str, rng: random.Random, kinds: list[str]) -> str | None:
-    """One hard negative caption (hard_negative), or None.
-
-    A negative equal to the sample's own caption (case/space-insensitive) is dropped too: the graph's
-    rendering can differ from the caption's wording."""
-    negative = hard_negative(graph, rng, kinds) if graph else None
+    """One hard negative: a swap inside `caption` of words the graph designates (hard_negative), or None."""
+    negative = hard_negative(graph, rng, kinds, caption=caption) if graph else None
     if negative is None or _norm(negative) == _norm(caption):
         return None
     return negative
@@ -98,19 +108,27 @@ def sample_negative(graph: SceneGraph, caption: str, rng: random.Random, kinds: 
 
 def structure_clip_map(preprocess: Callable, tokenizer: Callable, kinds: list[str], max_triples: int = 6,
                        triple_tokens: int = 8, parse: Callable[[str], SceneGraph] = parse_simple,
+                       parser: str = "simple", captions: str = "draw",
                        ) -> Callable[[dict, random.Random], dict[str, Any]]:
-    """Image-text sample + neg_text, has_neg, neg_caption, triples, triple_mask (fixed shapes: the
-    default collate stacks them). `parse`: the caption parser for samples without a json graph."""
-    base = image_text_map(preprocess, tokenizer)
+    """Image-text sample + neg_text, has_neg, neg_caption, neg_reason, triples, triple_mask (fixed
+    shapes: the default collate stacks them). The caption is the one image_text_map drew; its graph is
+    the sample's json graph for that caption, else `parse` of it (`parser` names it, for the reasons).
+    neg_reason is "" with a negative, else why there is none (mm.scenegraph.captions)."""
+    base = image_text_map(preprocess, tokenizer, captions=captions)
 
     def sample_map(raw: dict, rng: random.Random) -> dict[str, Any]:
         sample = base(raw, rng)
-        graph = sample_graph(sample["meta"], sample["caption"], parse)
-        negative = sample_negative(graph, sample["caption"], rng, kinds)
-        triples, triple_mask = encode_triples(graph.triples(max_triples), tokenizer, max_triples, triple_tokens)
+        graph_json = sample_graph_json(sample["meta"], sample["caption_index"])
+        if graph_json is None:
+            analysis = analyse_caption(sample["caption"], parse, parser, kinds)
+        else:
+            analysis = analyse_caption(sample["caption"], parse, parser, kinds, graph_json=graph_json)
+        negative = analysis.draw(rng)
+        triples, triple_mask = encode_triples(analysis.graph.triples(max_triples), tokenizer, max_triples,
+                                              triple_tokens)
         neg_text = torch.zeros_like(sample["text"]) if negative is None else tokenizer([negative])[0]
         sample.update(neg_text=neg_text, has_neg=torch.tensor(negative is not None), neg_caption=negative or "",
-                      triples=triples, triple_mask=triple_mask)
+                      neg_reason=analysis.reason or "", triples=triples, triple_mask=triple_mask)
         return sample
 
     return sample_map
@@ -120,17 +138,29 @@ def structure_clip_batches(cfg: StructureClipRunConfig, split: str, rank: int, w
                            state: dict | None) -> Loader:
     train = split == "train"
     m = cfg.model
+    parser = resolve_parser(cfg.loss.parser, "loss.parser")
     spec = StreamSpec(
         urls=cfg.data.train if train else cfg.data.val,
         sample_map=structure_clip_map(clip_preprocess(m, is_train=train), clip_tokenizer(m),
                                       list(cfg.loss.negatives), m.max_triples, m.triple_tokens,
-                                      caption_parser(resolve_parser(cfg.loss.parser, "loss.parser"))),
+                                      caption_parser(parser), parser, cfg.data.captions),
         collate=default_collate, batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
         world_size=world_size, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer if train else 0, repeat=train,
         resampled=cfg.data.resampled and train, weights=cfg.data.train_weights if train else [],
     )
     return Loader(spec, state=state, max_bad_fraction=cfg.data.max_bad_fraction)
+
+
+NO_NEGATIVE_REASONS = (*CAPTION_REASONS, NO_SWAP)
+
+
+def no_negative_shares(reasons: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """`no_negative/<reason>`: the share of the batch without a negative for that reason. Every reason
+    is always present (the logger averages each key over ranks, which must all send the same keys)."""
+    n = max(len(reasons), 1)
+    return {f"no_negative/{r}": torch.tensor(sum(x == r for x in reasons) / n, device=device)
+            for r in NO_NEGATIVE_REASONS}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -173,9 +203,11 @@ class StructureClipTask(Task):
         # Through the model's own forward (the engine's), so ZeRO-3 gathers every parameter it uses.
         out = model(batch["image"], batch["text"], batch["neg_text"], batch["triples"], batch["triple_mask"])
         options = getattr(_unwrap(model), "loss_options", {})
-        return structure_clip_loss(out["image_features"], out["text_features"], out["neg_text_features"],
-                                   batch["has_neg"], out["logit_scale"], hinge_text=out["tower_text_features"],
-                                   **options)
+        losses = structure_clip_loss(out["image_features"], out["text_features"], out["neg_text_features"],
+                                     batch["has_neg"], out["logit_scale"], hinge_text=out["tower_text_features"],
+                                     **options)
+        losses.update(no_negative_shares(batch.get("neg_reason", []), losses["loss"].device))
+        return losses
 
     def evaluate(self, model: torch.nn.Module, cfg: StructureClipRunConfig) -> dict[str, float]:
         return zeroshot_metrics(model, cfg)
