@@ -275,6 +275,9 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                 "mm_export": "full" if keys is None else "trainable"}
         if keys is not None:
             meta.update(task.export_metadata(cfg))
+        # The image transform the model trained with (open_clip's preprocess_cfg), for its evaluators.
+        from mm.models.clip import export_preprocess_metadata
+        meta.update(export_preprocess_metadata(engine.module))
         checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, keys)
     dist.barrier()
     evaluation = task.evaluate(engine.module, cfg)

@@ -17,8 +17,8 @@ from mm.errors import UserError
 def load_embedding_model(path: str) -> tuple[Any, Any, torch.nn.Module, Callable, Callable]:
     """(task, config, model, tokenizer, eval preprocess) of an export whose model has
     encode_image/encode_text; any other export is a one-line UserError naming the file."""
-    from mm.engine.checkpoint import load_exported
-    from mm.models.clip import clip_preprocess, clip_tokenizer
+    from mm.engine.checkpoint import load_exported, read_export_metadata
+    from mm.models.clip import clip_preprocess, clip_tokenizer, transform_from_preprocess_cfg
 
     task, cfg, model = load_exported(path)
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
@@ -26,7 +26,11 @@ def load_embedding_model(path: str) -> tuple[Any, Any, torch.nn.Module, Callable
     # A task whose model is not an open_clip one (STRUCTURE's frozen encoders) says what feeds it.
     if hasattr(task, "tokenizer_and_preprocess"):
         return task, cfg, model, *task.tokenizer_and_preprocess(cfg)
-    return task, cfg, model, clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False)
+    # The transform the model trained with: the export's own record of it, else the rebuilt model's.
+    recorded = read_export_metadata(path).get("mm_preprocess")
+    preprocess = transform_from_preprocess_cfg(json.loads(recorded), False) if recorded \
+        else clip_preprocess(cfg.model, False, model=model)
+    return task, cfg, model, clip_tokenizer(cfg.model), preprocess
 
 
 @dataclass
@@ -85,8 +89,15 @@ def load_open_clip(arch: str, pretrained: str) -> tuple[torch.nn.Module, Callabl
         arch = Path(arch).stem
     if arch not in open_clip.list_models():
         raise UserError(f"--model {arch}: not an open_clip architecture (see open_clip.list_models())")
+    from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess
+
+    cfg = ClipModelConfig(name=arch, pretrained=pretrained)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        # build_clip: an OpenAI TorchScript archive runs with QuickGELU, a plain file in a GELU
+        # architecture with a -quickgelu twin gets a warning; the transform is the model's preprocess_cfg.
+        model = build_clip(cfg)
+    except UserError as e:
+        raise UserError(str(e).replace("model.pretrained ", "--pretrained ", 1)) from None
     except RuntimeError as e:  # load_state_dict's size/key mismatch report
         first = str(e).strip().splitlines()
         raise UserError(f"--pretrained {pretrained}: weights do not fit {arch} "
@@ -94,4 +105,5 @@ def load_open_clip(arch: str, pretrained: str) -> tuple[torch.nn.Module, Callabl
     except Exception as e:  # unpickling errors of a file that is not a checkpoint
         raise UserError(f"--pretrained {pretrained}: not a readable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    preprocess = clip_preprocess(cfg, False, model=model)
     return model.eval(), open_clip.get_tokenizer(arch), preprocess
