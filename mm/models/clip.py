@@ -62,10 +62,15 @@ def quickgelu_twin(name: str) -> str | None:
 
 
 def _archive_state_dict(path: str) -> dict[str, torch.Tensor]:
-    archive = torch.jit.load(path, map_location="cpu")
-    state = {k: v for k, v in archive.state_dict().items()
-             if k not in ("input_resolution", "context_length", "vocab_size")}
-    return state
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        archive = torch.jit.load(path, map_location="cpu")
+    # A TorchScript archive also holds the non-persistent buffers (the causal attn_mask) and OpenAI's
+    # metadata scalars; neither is a weight.
+    return {k: v for k, v in archive.state_dict().items()
+            if k not in ("input_resolution", "context_length", "vocab_size") and not k.endswith("attn_mask")}
 
 
 def _load_state(model: CustomTextCLIP, state: dict[str, torch.Tensor], path: str, name: str) -> None:
