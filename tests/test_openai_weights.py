@@ -7,7 +7,6 @@ import json
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from PIL import Image

@@ -20,8 +20,9 @@ import logging
 import os
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.errors import UserError, cli_main
-from mm.scenegraph.captions import CaptionAnalysis, _MISSING, analyse_caption
+from mm.scenegraph.captions import _MISSING, CaptionAnalysis, analyse_caption
 from mm.scenegraph.graph import SceneGraph
 from mm.scenegraph.negatives import KINDS, caption_words
 from mm.scenegraph.parse import PARSERS, caption_parser, describe_parser, resolve_parser

@@ -1,14 +1,17 @@
 """Structure-CLIP (METHODS.md §2) on the shared engine: scene graphs, hard negatives, KEE, hinge loss.
 
-Each sample's scene graph is its json `scene_graph` when present (the shapes world and
-`mm-shards ... --scene-graphs` write one), else its caption parsed by `loss.parser`: `auto` (spaCy's
-dependency rules when spaCy and en_core_web_sm are installed, else parse_simple), `spacy` or `simple`.
-The sample map draws one semantic hard negative (relation swap or attribute swap, `loss.negatives`)
-with the sample's own seeded rng, so a resumed run sees the same negatives; samples without a usable
-negative (one object, identical attributes, a symmetric relation, or a negative equal to the caption)
-carry zeros and `has_neg` False, and the logged `neg_share` says how many had one. The caption's triples are tokenised here for the KEE. The base loss scores the
-KEE-fused caption, the hard-negative hinge the plain text tower's caption and negative (see
-mm/models/structure_clip.py for why).
+The caption is the one image_text_map drew (one of json `captions` per sample and epoch, data.captions).
+Its scene graph is the sample's json graph for that caption (`scene_graphs[i]`, or `scene_graph` for
+the txt caption; `mm-shards ... --scene-graphs` and the shapes world write them), else the caption
+parsed by `loss.parser`: `auto` (spaCy's dependency rules when an English pipeline is installed, else
+the simple parser for the captions it reads completely), `spacy` or `simple`. The sample map draws one
+semantic hard negative (relation swap or attribute swap, `loss.negatives`), a swap of words inside the
+caption itself, with the sample's own seeded rng, so a resumed run sees the same negatives. Samples
+without one carry zeros and `has_neg` False; the log's `neg_share` says how many had one and
+`no_negative/<reason>` why the others had none (mm.scenegraph.captions: empty or foreign caption,
+malformed json graph, no usable swap, ...). The caption's triples are tokenised here for the KEE. The
+base loss scores the KEE-fused caption, the hard-negative hinge the plain text tower's caption and
+negative (see mm/models/structure_clip.py for why).
 """
 
 from __future__ import annotations
