@@ -313,3 +313,11 @@ def test_malformed_json_graph_gets_no_negative_and_is_counted():
     shares = no_negative_shares(["bad_scene_graph", "", "", "no_words"], "cpu")
     assert sorted(shares) == sorted(f"no_negative/{r}" for r in NO_NEGATIVE_REASONS)
     assert float(shares["no_negative/bad_scene_graph"]) == 0.25 and float(shares["no_negative/no_swap"]) == 0
+
+
+def test_data_captions_choice_is_checked():
+    from mm.data.image_text import image_text_map
+    from mm.errors import UserError
+
+    with pytest.raises(UserError, match=r"^data\.captions must be one of draw, first; got 'all'$"):
+        image_text_map(lambda image: image, lambda texts: texts, captions="all")
