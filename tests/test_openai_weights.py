@@ -159,3 +159,20 @@ def test_export_carries_the_transform_and_evaluation_uses_it(tmp_path):
     train_eval = clip_preprocess(cfg.model, False)
     torch.testing.assert_close(preprocess(image), train_eval(image))
     torch.testing.assert_close(preprocess(image), _expected(image, 0.5, 0.5), atol=2e-2, rtol=0)
+
+
+def test_evaluators_load_an_openai_archive_as_quickgelu(tmp_path, capsys):
+    """mm-zeroshot / mm-retrieval / mm-compositional --model ARCH --pretrained FILE go through the same
+    builder: an OpenAI TorchScript archive runs with QuickGELU."""
+    from mm.evaluate.models import load_open_clip
+
+    ref = _reference(TINY, quick=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(ref).save(str(tmp_path / "openai.pt"))
+    config = tmp_path / "tiny_eval_arch.json"
+    config.write_text(json.dumps(TINY))
+    model, _, preprocess = load_open_clip(str(config), str(tmp_path / "openai.pt"))
+    assert "OpenAI TorchScript archive" in capsys.readouterr().err
+    torch.testing.assert_close(_features(model)[0], _features(ref)[0])
+    assert preprocess(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
