@@ -35,6 +35,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.1  # stop when more than this share of samples is corrupt
+    # Image-text samples with several captions (json `captions`, as mm-shards coco writes): "draw" one
+    # per sample and epoch (seeded: resume sees the same), or "first" (the txt caption only).
+    captions: str = "draw"
 
 
 @dataclass

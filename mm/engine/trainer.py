@@ -22,6 +22,7 @@ from mm.engine.ds_config import build_ds_config
 from mm.engine.logger import MetricsLogger
 from mm.engine.task import Task, World
 from mm.errors import UserError
+from mm.models.clip import export_preprocess_metadata
 
 
 def init_distributed() -> None:
@@ -275,6 +276,8 @@ def train(task: Task) -> dict[str, Any]:
                 "mm_export": "full" if plan.keys is None else "trainable"}
         if plan.keys is not None:
             meta.update(plan.metadata)
+        # The image transform the model trained with (open_clip's preprocess_cfg), for its evaluators.
+        meta.update(export_preprocess_metadata(engine.module))
         checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, plan.keys)
     dist.barrier()
     evaluation = task.evaluate(engine.module)

@@ -17,13 +17,20 @@ from mm.errors import UserError
 def load_embedding_model(path: str) -> tuple[Any, Any, torch.nn.Module, Callable, Callable]:
     """(task, config, model, tokenizer, eval preprocess) of an export whose model has
     encode_image/encode_text; any other export is a one-line UserError naming the file."""
+    from mm.exports import read_export_metadata
+    from mm.models.clip import transform_from_preprocess_cfg
     from mm.tasks import load_exported
 
     task, cfg, model = load_exported(path)
     inputs = task.eval_inputs()
     if inputs is None or not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise UserError(f"{path}: a {task.name} model has no encode_image/encode_text")
-    return task, cfg, model, *inputs
+    tokenizer, preprocess = inputs
+    # The transform the model trained with, as the export recorded it (open_clip's preprocess_cfg).
+    recorded = read_export_metadata(path).get("mm_preprocess")
+    if recorded:
+        preprocess = transform_from_preprocess_cfg(json.loads(recorded), False)
+    return task, cfg, model, tokenizer, preprocess
 
 
 @dataclass
@@ -82,8 +89,15 @@ def load_open_clip(arch: str, pretrained: str) -> tuple[torch.nn.Module, Callabl
         arch = Path(arch).stem
     if arch not in open_clip.list_models():
         raise UserError(f"--model {arch}: not an open_clip architecture (see open_clip.list_models())")
+    from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess
+
+    cfg = ClipModelConfig(name=arch, pretrained=pretrained)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        # build_clip: an OpenAI TorchScript archive runs with QuickGELU, a plain file in a GELU
+        # architecture with a -quickgelu twin gets a warning; the transform is the model's preprocess_cfg.
+        model = build_clip(cfg)
+    except UserError as e:
+        raise UserError(str(e).replace("model.pretrained ", "--pretrained ", 1)) from None
     except RuntimeError as e:  # load_state_dict's size/key mismatch report
         first = str(e).strip().splitlines()
         raise UserError(f"--pretrained {pretrained}: weights do not fit {arch} "
@@ -91,4 +105,5 @@ def load_open_clip(arch: str, pretrained: str) -> tuple[torch.nn.Module, Callabl
     except Exception as e:  # unpickling errors of a file that is not a checkpoint
         raise UserError(f"--pretrained {pretrained}: not a readable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    preprocess = clip_preprocess(cfg, False, model=model)
     return model.eval(), open_clip.get_tokenizer(arch), preprocess

@@ -197,19 +197,21 @@ class TimmVision(LayerEncoder):
 
 
 def _open_clip_model(cfg: EncoderConfig, load_weights: bool) -> nn.Module:
+    """An open_clip model through the trainers' builder (mm.models.clip.build_clip): an OpenAI
+    TorchScript archive runs with QuickGELU, a plain file in a GELU architecture that has a -quickgelu
+    twin gets a warning, and the model carries its preprocess_cfg."""
     import open_clip
-    from open_clip.model import CustomTextCLIP
+
+    from mm.models.clip import ClipModelConfig, build_clip, is_openai_archive
 
     path = cfg.path if load_weights else ""
-    if cfg.name:
-        if cfg.name not in open_clip.list_models():
-            raise ConfigError(f"open_clip: unknown architecture {cfg.name!r}")
-        return open_clip.create_model(cfg.name, pretrained=path or None, force_custom_text=True,
-                                      pretrained_text=False)
-    model = CustomTextCLIP(**cfg.args)
-    if path:
-        open_clip.load_checkpoint(model, path)
-    return model
+    if cfg.name and cfg.name not in open_clip.list_models():
+        raise ConfigError(f"open_clip: unknown architecture {cfg.name!r}")
+    # The archive decides the activation whether or not its weights are loaded now, so that the
+    # encoder built for cache identity and the one built for features agree.
+    quick = bool(cfg.path) and Path(cfg.path).is_file() and is_openai_archive(cfg.path)
+    return build_clip(ClipModelConfig(name=cfg.name, arch=dict(cfg.args) if not cfg.name else {},
+                                      pretrained=path, quick_gelu=quick))
 
 
 class OpenClipVision(LayerEncoder):
@@ -309,11 +311,13 @@ def vision_preprocess(cfg: EncoderConfig) -> Callable:
         if cfg.mean:
             data_cfg.update(mean=tuple(cfg.mean), std=tuple(cfg.std))
         return create_transform(**data_cfg, is_training=False)
-    import open_clip
+    from mm.models.clip import architecture_preprocess_cfg, transform_from_preprocess_cfg
 
-    arch = cfg.args or open_clip.get_model_config(cfg.name) or {}
-    size = cfg.image_size or arch.get("vision_cfg", {}).get("image_size", 224)
-    return open_clip.image_transform(size, is_train=False)
+    # The architecture's own preprocess_cfg (mean, std, interpolation, resize mode), not OpenAI's always.
+    pp = architecture_preprocess_cfg(cfg.name, cfg.args or None)
+    if cfg.image_size:
+        pp["size"] = cfg.image_size
+    return transform_from_preprocess_cfg(pp, is_train=False)
 
 
 def _hf_context_length(cfg: EncoderConfig) -> int:

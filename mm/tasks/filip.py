@@ -68,7 +68,8 @@ class FilipTask(TaskBase):
 
     def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
         m = self.cfg.model
-        sample_map = image_text_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m))
+        sample_map = image_text_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m),
+                                    captions=self.cfg.data.captions)
         return stream_from_config(self.cfg.data, split, sample_map, seed=self.cfg.train.seed, rank=world.rank,
                                   world_size=world.size, eval_batch_size=self.cfg.eval.batch_size, state=state)
 
