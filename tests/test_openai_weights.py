@@ -139,15 +139,14 @@ def test_export_carries_the_transform_and_evaluation_uses_it(tmp_path):
     """A CLIP model on an architecture with SigLIP-like preprocessing, exported with the metadata the
     trainer writes: the evaluators' loader reproduces the training transform from it."""
     from mm.config import config_json, load_config
-    from mm.engine.checkpoint import read_export_metadata, save_export
+    from mm.exports import read_export_metadata, save_export
     from mm.evaluate.models import load_embedding_model
     from mm.models.clip import export_preprocess_metadata
     from mm.tasks import get_task
 
-    task = get_task("clip")
-    cfg = load_config(ROOT / "configs/clip/tiny.yaml", [], task.config_class)
+    cfg = load_config(ROOT / "configs/clip/tiny.yaml", [], get_task("clip").config_class)
     cfg.model.arch = json.loads(json.dumps(SIGLIP_LIKE))
-    model = task.build_model(cfg)
+    model = get_task("clip", cfg).build_model()
     meta = {"mm_task": "clip", "mm_config": config_json(cfg), "mm_step": "1", "mm_export": "full",
             **export_preprocess_metadata(model)}
     path = tmp_path / "model.safetensors"
