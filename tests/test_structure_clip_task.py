@@ -87,8 +87,8 @@ def test_kee_changes_text_features_only_when_enabled(task_cfg):
     assert torch.allclose(out["tower_text_features"], plain, atol=1e-6)
     assert torch.allclose(out["neg_text_features"], neg_plain, atol=1e-6)
     assert torch.allclose(plain, off, atol=1e-6)
-    no_kee = task.build_model(load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY + ["model.kee=false"],
-                                          task.config_class))
+    no_kee = get_task(task.name, load_config(ROOT / "configs/structure_clip/tiny.yaml", TINY + ["model.kee=false"],
+                                             task.config_class)).build_model()
     assert no_kee.kee is None
 
 

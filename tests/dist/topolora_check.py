@@ -55,7 +55,7 @@ def main(train: str, val: str, out: str, stages: list[int], steps: int, base_sta
         # Validation of the model as the trainer builds it at step 0 (same seed), before any step.
         torch.manual_seed(cfg.train.seed)
         before = get_task(task.name, cfg).evaluate(get_task(task.name, cfg).build_model())
-        res = run(task, cfg)
+        res = run(get_task(task.name, cfg))
         after = res["eval"]
 
         engine = res["engine"]
