@@ -163,3 +163,97 @@ def test_loader_does_not_clip_a_16bit_png_already_in_a_shard(tmp_path):
     # Order is kept: a brighter source pixel is never darker after decoding.
     flat = image[..., 0].ravel()[np.argsort(arr.ravel(), kind="stable")]
     assert (np.diff(flat.astype(int)) >= 0).all()
+
+
+# --- 1: mm-structure cache --overwrite deletes only a cache, and only once the new one is complete
+
+
+def _cache_args(shapes, cache, train=None):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sets = [f"data.train={train or shapes['train'].replace('000007', '000001')}", f"cache.dir={cache}",
+            "cache.num_workers=0", "cache.batch_size=40",
+            "model.vision.args={img_size: 32, patch_size: 16, embed_dim: 16, depth: 1, num_heads: 2}",
+            "model.text.args.text_cfg={context_length: 16, vocab_size: 49408, width: 16, heads: 2, layers: 1}"]
+    return ["cache", "--config", str(root / "configs/structure/tiny.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cache_overwrite_refuses_a_folder_that_is_not_a_cache(shapes, tmp_path, capsys, monkeypatch):
+    from mm.tasks.structure_cli import main
+
+    notes = tmp_path / "notes"
+    (notes / "photos").mkdir(parents=True)
+    (notes / "todo.txt").write_text("buy milk")
+    Image.new("RGB", (4, 4)).save(notes / "photos" / "a.png")
+    before = _tree(notes)
+    code, cap = _run(main, _cache_args(shapes, notes) + ["--overwrite"], capsys, monkeypatch)
+    assert code == 2 and "is not a feature cache" in cap.err and "nothing deleted" in cap.err
+    assert _tree(notes) == before
+    assert _listing(tmp_path) == ["notes"]
+
+
+def test_cache_rebuild_keeps_the_old_cache_until_the_new_one_is_complete(shapes, tmp_path, capsys, monkeypatch):
+    from mm.data import feature_cache
+    from mm.data.feature_cache import FeatureCache
+    from mm.tasks.structure_cli import main
+
+    cache = tmp_path / "cache"
+    assert _run(main, _cache_args(shapes, cache), capsys, monkeypatch)[0] == 0
+    built = _tree(cache)
+    assert len(FeatureCache(cache)) == 80
+
+    # A mistyped shard path: refused before anything is touched.
+    code, cap = _run(main, _cache_args(shapes, cache, train=str(tmp_path / "typo-{000000..000001}.tar"))
+                     + ["--overwrite"], capsys, monkeypatch)
+    assert code == 2 and "typo-000000.tar" in cap.err
+    assert _tree(cache) == built
+
+    # A failure in the middle of the rebuild (a full disk while writing a part): old cache intact.
+    def full_disk(tensors, path):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(feature_cache, "save_file", full_disk)
+    code, cap = _run(main, _cache_args(shapes, cache) + ["--overwrite"], capsys, monkeypatch)
+    assert code == 2 and "No space left" in cap.err
+    assert _tree(cache) == built and _listing(tmp_path) == ["cache"]
+    monkeypatch.undo()
+
+    # Without --overwrite: refused; with it: rebuilt, and said so.
+    code, cap = _run(main, _cache_args(shapes, cache), capsys, monkeypatch)
+    assert code == 2 and "--overwrite" in cap.err
+    code, cap = _run(main, _cache_args(shapes, cache) + ["--overwrite"], capsys, monkeypatch)
+    assert code == 0 and f"replaced the feature cache in {cache} (80 pairs)" in cap.err
+    assert len(FeatureCache(cache)) == 80 and _listing(tmp_path) == ["cache"]
+
+
+@pytest.mark.parametrize("damage", ["part-cut-short", "part-missing", "meta-cut-short", "meta-wrong-rows"])
+def test_a_damaged_cache_is_a_one_line_error(shapes, tmp_path, capsys, monkeypatch, damage):
+    import json
+
+    from mm.data.feature_cache import FeatureCache
+    from mm.errors import DataError
+    from mm.tasks.structure_cli import main
+
+    cache = tmp_path / "cache"
+    assert _run(main, _cache_args(shapes, cache), capsys, monkeypatch)[0] == 0
+    part, meta = cache / "part-000000.safetensors", cache / "meta.json"
+    if damage == "part-cut-short":
+        part.write_bytes(part.read_bytes()[:-100])
+    elif damage == "part-missing":
+        part.unlink()
+    elif damage == "meta-cut-short":
+        meta.write_text(meta.read_text()[:200])
+    else:
+        record = json.loads(meta.read_text())
+        record["n"], record["keys"] = 79, record["keys"][:79]
+        meta.write_text(json.dumps(record))
+    with pytest.raises(DataError, match="damaged.*--overwrite"):
+        FeatureCache(cache)
+    # ... and a damaged cache is still recognisably ours: --overwrite rebuilds it.
+    assert _run(main, _cache_args(shapes, cache) + ["--overwrite"], capsys, monkeypatch)[0] == 0
+    assert len(FeatureCache(cache)) == 80
