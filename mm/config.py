@@ -36,6 +36,9 @@ class DataConfig:
     image_size: int = 64
     max_bad_fraction: float = 0.1  # stop when more than this share of samples is corrupt
     context_length: int = 77
+    # Further attempts at a remote shard (http(s)://, pipe:, s3:) whose request fails or whose
+    # connection drops; a shard still failing is lost from there and counted (url_error, connection_lost).
+    retries: int = 2
 
 
 @dataclass
@@ -88,7 +91,7 @@ _CHOICES = {"train.precision": ("fp32", "bf16", "fp16")}
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.batch_size": (1, None), "data.num_workers": (0, None), "data.shuffle_buffer": (0, None),
     "data.image_size": (1, None), "data.max_bad_fraction": (0.0, 1.0), "data.context_length": (1, None),
-    "data.samples_per_epoch": (0, None),
+    "data.samples_per_epoch": (0, None), "data.retries": (0, None),
     "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.eps": (0.0, None),
     "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0.0, 1.0),
     "train.steps": (1, None), "train.grad_accum": (1, None), "train.grad_clip": (0.0, None),
@@ -170,6 +173,25 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_data(data: DataConfig, prefix: str, source: str) -> None:
+    """Values of the data section that only make sense together, checked before any run directory exists."""
+    weights = data.train_weights
+    if not weights:
+        return
+    key = f"{prefix}.train_weights"
+    if any(not w >= 0 or w == float("inf") for w in weights) or not sum(weights) > 0:
+        raise ConfigError(f"{source}: '{key}' must be finite, >= 0 and not all 0 (each source is drawn in "
+                          f"proportion to its weight), got {weights}")
+    if data.train:
+        n = len([part for part in data.train.split("::") if part.strip()])
+        if n != len(weights):
+            raise ConfigError(f"{source}: '{key}' has {len(weights)} weights for {n} source(s) in "
+                              f"'{prefix}.train' (sources are separated by '::')")
+    if not data.resampled:
+        raise ConfigError(f"{source}: '{key}' needs '{prefix}.resampled: true' (weighted mixing draws shards "
+                          "with replacement)")
+
+
 def _parse_value(text: str) -> Any:
     # YAML gives numbers, booleans, lists and strings the way a user would write them on a command line.
     return yaml.safe_load(text) if text != "" else ""
@@ -213,7 +235,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
     _build(cls, tree, "", source)
     for assignment in overrides:
         _apply_override(tree, assignment)
-    return _build(cls, tree, "", f"{source} + --set" if overrides else source)
+    cfg = _build(cls, tree, "", f"{source} + --set" if overrides else source)
+    if isinstance(getattr(cfg, "data", None), DataConfig):
+        _check_data(cfg.data, "data", f"{source} + --set" if overrides else source)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -129,6 +129,7 @@ def structure_clip_batches(cfg: StructureClipRunConfig, split: str, rank: int, w
         world_size=world_size, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer if train else 0, repeat=train,
         resampled=cfg.data.resampled and train, weights=cfg.data.train_weights if train else [],
+        retries=cfg.data.retries,
     )
     return Loader(spec, state=state, max_bad_fraction=cfg.data.max_bad_fraction)
 

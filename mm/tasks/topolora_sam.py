@@ -177,6 +177,7 @@ def seg_batches(cfg: TopoLoraRunConfig, split: str, rank: int = 0, world_size: i
         num_workers=cfg.data.num_workers if train else 0,
         shuffle_buffer=cfg.data.shuffle_buffer if train else 0, repeat=train,
         resampled=cfg.data.resampled and train, weights=cfg.data.train_weights if train else [],
+        retries=cfg.data.retries,
         drop_last=train,
     )
     return Loader(spec, state=state, max_bad_fraction=cfg.data.max_bad_fraction)
