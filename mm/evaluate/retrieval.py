@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         record["bad_samples"] = bad
     text = json.dumps(record)
     if args.output:
-        write_text_atomic(args.output, text + "\n")
+        write_text_atomic(args.output, text + "\n", announce="--output")
     parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/"
                       f"{metrics[f'text_to_image_recall@{k}']:.3f}" for k in ks)
     print(f"retrieval {loaded.task} ({args.scoring}; image->text/text->image): {parts} on {n_images} images, "

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         record["confusion_png"] = args.confusion
     text = json.dumps(record)
     if args.output:
-        write_text_atomic(args.output, text + "\n")
+        write_text_atomic(args.output, text + "\n", announce="--output")
     acc5 = f", acc5 {metrics['acc5']:.3f}" if "acc5" in metrics else ""
     skip = f", {skipped_count} unreadable skipped" if skipped_count else ""
     print(f"zero-shot {loaded.task} ({args.scoring}): acc1 {metrics['acc1']:.3f}{acc5}, mean per-class recall "
