@@ -97,6 +97,9 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.steps": (1, None), "train.grad_accum": (1, None), "train.grad_clip": (0.0, None),
     "train.log_every": (1, None), "train.ckpt_every": (0, None), "train.keep_checkpoints": (1, None),
     "train.eval_every": (0, None), "train.max_nonfinite_steps": (1, None), "eval.batch_size": (1, None),
+    # STRUCTURE's cache and layer selection (mm-structure); 0 means "all" / "default" where allowed.
+    "cache.batch_size": (1, None), "cache.num_workers": (0, None), "cache.part_size": (1, None),
+    "cache.max_samples": (0, None), "select.n": (0, None), "select.k": (0, None),
 }
 
 

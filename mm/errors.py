@@ -48,11 +48,15 @@ def write_text_atomic(path: str | os.PathLike, text: str, announce: str | None =
         print(f"{announce}: replacing {path}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # a checkpoint's "latest" marker must not outlive the files it names
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a checkpoint's "latest" marker must not outlive the files it names
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a folder at `path` must not leave the .tmp behind
+        raise
 
 
 def _one_line(e: Exception) -> str:

@@ -257,3 +257,41 @@ def test_a_damaged_cache_is_a_one_line_error(shapes, tmp_path, capsys, monkeypat
     # ... and a damaged cache is still recognisably ours: --overwrite rebuilds it.
     assert _run(main, _cache_args(shapes, cache) + ["--overwrite"], capsys, monkeypatch)[0] == 0
     assert len(FeatureCache(cache)) == 80
+
+
+# --- 14: small writers and one-pass readers
+
+
+def test_atomic_writer_leaves_no_tmp_when_the_write_fails(tmp_path, monkeypatch):
+    import os
+
+    from mm.errors import write_text_atomic
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_text_atomic(tmp_path / "result.json", "{}")
+    assert _listing(tmp_path) == []
+
+
+def test_atomic_writer_says_when_it_replaces_a_result(tmp_path, capsys):
+    from mm.errors import write_text_atomic
+
+    write_text_atomic(tmp_path / "r.json", "1", announce="--output")
+    assert capsys.readouterr().err == ""
+    write_text_atomic(tmp_path / "r.json", "2", announce="--output")
+    assert f"--output: replacing {tmp_path / 'r.json'}" in capsys.readouterr().err
+    assert (tmp_path / "r.json").read_text() == "2"
+
+
+def test_a_one_pass_over_nothing_usable_is_an_error(tmp_path):
+    from mm.data.loader import Loader, StreamSpec, default_collate
+    from mm.errors import DataError
+
+    (tmp_path / "notes.tar").write_text("not a tar archive")
+    spec = StreamSpec(urls=str(tmp_path / "notes.tar"), sample_map=lambda raw, rng: raw, collate=default_collate,
+                      batch_size=4, num_workers=0, shuffle_buffer=0, repeat=False, drop_last=False)
+    with pytest.raises(DataError, match="no usable samples"):
+        list(Loader(spec))

@@ -82,6 +82,8 @@ def build_feature_cache(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls
     final = Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"cache.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if device != "cpu" and not device.startswith(("cuda", "mps", "xpu")):
+        raise UserError(f"cache.device must be cpu, cuda or cuda:N, got {device!r}")
     replacing = _check_replaceable(final, overwrite)
     check_local_shards(urls, "data.train")
     out = final.parent / f".{final.name}.building"

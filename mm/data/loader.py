@@ -176,6 +176,9 @@ class _Stream(IterableDataset):
         self.start = start  # logical worker -> (epoch, raw samples consumed, {shard index: samples} lost)
         self.rotation = rotation
         self.initial_bad = bad
+        if spec.batch_size < 1 or spec.num_workers < 0 or spec.retries < 0 or spec.shuffle_buffer < 0:
+            raise DataError(f"batch size must be >= 1 and workers, retries, shuffle buffer >= 0; got "
+                            f"{spec.batch_size}, {spec.num_workers}, {spec.retries}, {spec.shuffle_buffer}")
         if spec.weights and len(spec.weights) != len(self.sources):
             raise DataError(f"{len(spec.weights)} weights for {len(self.sources)} sources in {spec.urls!r}")
         if spec.weights and not spec.resampled:
@@ -343,7 +346,9 @@ class Loader:
                                  persistent_workers=False, prefetch_factor=4 if spec.num_workers else None)
 
     def __iter__(self) -> Iterator[dict]:
+        given = 0
         for batch in self.loader:
+            given += 1
             worker, epoch, consumed, lost, bad = batch.pop("__pos__")
             self.batches += 1
             self.positions[worker] = (epoch, consumed, lost)
@@ -351,6 +356,10 @@ class Loader:
             self.good += self.spec.batch_size
             self._check_bad_share()
             yield batch
+        if not given and not self.spec.repeat and not self.batches:
+            # An evaluation over nothing would fail later on an empty concatenation, or report on 0 items.
+            raise DataError(f"no usable samples in {self.spec.urls!r}: its shards are empty, damaged or not "
+                            "tar files")
 
     @property
     def bad_counts(self) -> dict[str, int]:

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--ks: {args.ks!r}: every k must be >= 1")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.output:
         check_output_file(args.output, "--output")
     loaded = load_eval_model(args)

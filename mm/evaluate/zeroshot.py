@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = dataset_kind(args.data)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     for option, path in (("--output", args.output), ("--confusion", args.confusion)):
         if path:
             check_output_file(path, option)
