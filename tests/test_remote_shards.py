@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import http.server
+import json
 import tarfile
 import threading
 from pathlib import Path
@@ -172,3 +173,57 @@ def test_pipe_shards_and_a_failing_command(shapes, tmp_path):
     seen = {k.split("@")[0] for batch in loader for k in batch["key"]}
     assert seen == set(shard_keys(paths[0])) | set(shard_keys(paths[1]))
     assert loader.bad_counts == {"url_error": 1, "total": 1}
+
+
+# --- end to end: CLIP training from the server (one rank, subprocesses), interrupted and resumed
+
+CLIP_TINY = [
+    "model.arch.embed_dim=32", "model.arch.vision_cfg.width=32", "model.arch.vision_cfg.head_width=16",
+    "model.arch.vision_cfg.layers=1", "model.arch.text_cfg.width=32", "model.arch.text_cfg.layers=1",
+    "model.arch.text_cfg.context_length=12", "data.batch_size=8", "data.num_workers=1", "optim.warmup_steps=1",
+    "train.log_every=1", "train.ckpt_every=4", "eval.zeroshot_data=", "data.retries=1",
+]
+
+
+def _train(out: Path, urls: str, steps: int, kill_at: int = 0):
+    """A one-rank CLIP run; `kill_at` SIGKILLs it just before the checkpoint of that step is saved
+    (the test hook of mm.engine.checkpoint), as a preempted job dies. Returns (stderr, log records)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sets = CLIP_TINY + [f"data.train={urls}", f"train.out_dir={out}", f"train.steps={steps}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MM_FAULT_KILL"):
+        env.pop(key, None)
+    if kill_at:
+        env["MM_FAULT_KILL"] = f"before_save:{kill_at}:0"
+    proc = subprocess.run([sys.executable, "train/clip.py", "--config", "configs/clip/tiny.yaml",
+                           *[a for s in sets for a in ("--set", s)]], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == (-9 if kill_at else 0), proc.stderr[-3000:]
+    return proc.stderr, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_from_a_flaky_server_goes_on_and_resumes_exactly(shapes, server, tmp_path):
+    shard = names(shapes)
+    urls = f"{server.url}/shapes-{{000000..000007}}.tar"
+    server.missing.add(shard[2])
+    server.drops[shard[4]] = 10**6
+    # Killed before its step-8 checkpoint: steps 1-8 logged, the newest checkpoint is step 4's.
+    err, records = _train(tmp_path / "run", urls, 8, kill_at=8)
+    assert "retry 1 of 1" in err
+    first = {r["step"]: r for r in records if "loss" in r}
+    assert sorted(first) == list(range(1, 9))
+    assert first[8]["bad/url_error"] == 1 and first[8]["bad/connection_lost"] == 1
+
+    server.drops.clear()  # the connection problem is gone when the run resumes
+    _, records = _train(tmp_path / "run", urls, 8)
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 9)) + list(range(5, 9))  # resumed from step 4
+    again = {r["step"]: r for r in logged[8:]}
+    for step in range(5, 9):  # the batches, hence the losses, of the run that was killed
+        assert abs(again[step]["loss"] - first[step]["loss"]) < 1e-5, step
+    # The losses replayed from the checkpoint are not counted twice.
+    assert again[8]["bad/connection_lost"] == 1 and again[8]["bad/url_error"] == 1
