@@ -221,6 +221,9 @@ def test_cache_rebuild_keeps_the_old_cache_until_the_new_one_is_complete(shapes,
     code, cap = _run(main, _cache_args(shapes, cache) + ["--overwrite"], capsys, monkeypatch)
     assert code == 2 and "No space left" in cap.err
     assert _tree(cache) == built and _listing(tmp_path) == ["cache"]
+    # A first build that fails leaves none of the folders it made.
+    code, cap = _run(main, _cache_args(shapes, tmp_path / "new" / "deep" / "cache"), capsys, monkeypatch)
+    assert code == 2 and _listing(tmp_path) == ["cache"]
     monkeypatch.undo()
 
     # Without --overwrite: refused; with it: rebuilt, and said so.

@@ -36,7 +36,7 @@ def test_demo_launch_works_while_the_default_port_is_taken(tmp_path):
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     if not Path(launcher).exists():
         pytest.skip("the deepspeed launcher is not installed")
-    helper = re.search(r"^free_port\(\) \{.*?^\}", DEMO, re.S | re.M)
+    helper = re.search(r"^free_port\(\) \{.*?^\}", DEMO, re.DOTALL | re.MULTILINE)
     assert helper, "scripts/demo.sh has no free_port helper"
     blocker = socket.socket()
     try:
@@ -52,7 +52,7 @@ def test_demo_launch_works_while_the_default_port_is_taken(tmp_path):
         env.pop(key, None)
     try:
         proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, check=False)
     finally:
         blocker.close()
     assert proc.returncode == 0, proc.stderr[-3000:]

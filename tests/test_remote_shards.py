@@ -27,7 +27,7 @@ class ShardServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 -- the http.server API
+            def do_GET(self):
                 name = self.path.lstrip("/")
                 server.requests[name] += 1
                 path = server.root / name
@@ -86,8 +86,8 @@ def shard_keys(path) -> list[str]:
 
 
 def spec(urls, **kw) -> StreamSpec:
-    base = dict(urls=urls, sample_map=keys_map, collate=default_collate, batch_size=4, seed=0, num_workers=2,
-                shuffle_buffer=16, retry_delay=0.01)
+    base = {"urls": urls, "sample_map": keys_map, "collate": default_collate, "batch_size": 4, "seed": 0,
+            "num_workers": 2, "shuffle_buffer": 16, "retry_delay": 0.01}
     base.update(kw)
     return StreamSpec(**base)
 
@@ -138,7 +138,6 @@ def take(loader, n):
 
 
 def test_resume_sees_the_batches_of_the_uninterrupted_run_with_lost_shards(shapes, server):
-    shard = names(shapes)
     urls = f"{server.url}/shapes-{{000000..000007}}.tar"
     s = spec(urls, retries=1)
     stream = _Stream(s, {}, 0, collections.Counter())
@@ -201,7 +200,7 @@ def _train(out: Path, urls: str, steps: int, kill_at: int = 0):
         env["MM_FAULT_KILL"] = f"before_save:{kill_at}:0"
     proc = subprocess.run([sys.executable, "train/clip.py", "--config", "configs/clip/tiny.yaml",
                            *[a for s in sets for a in ("--set", s)]], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
     assert proc.returncode == (-9 if kill_at else 0), proc.stderr[-3000:]
     return proc.stderr, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,8 +9,8 @@ open_clip package).
 from __future__ import annotations
 
 import string
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mm.errors import UserError
 

@@ -17,6 +17,7 @@ files): a cache.dir pointing at anything else is refused, never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -87,6 +88,7 @@ def build_feature_cache(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls
     replacing = _check_replaceable(final, overwrite)
     check_local_shards(urls, "data.train")
     out = final.parent / f".{final.name}.building"
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # removed on failure
     try:
         if out.exists():  # left by a build that was killed: ours by its name
             shutil.rmtree(out)
@@ -99,6 +101,9 @@ def build_feature_cache(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls
         _swap(out, final, replacing)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
+        for folder in created:  # innermost first; only ever empty folders this build made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     if replacing:
         print(f"replaced the feature cache in {final} ({meta['n']} pairs)", file=sys.stderr)

@@ -27,6 +27,7 @@ not count those losses twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import random
@@ -36,14 +37,15 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm.errors import DataError
 
@@ -106,10 +108,9 @@ class _CountingStream:
         return data
 
     def close(self) -> None:
-        try:
+        # A pipe's exit status was checked on read; closing one early (a shard cut off) may raise.
+        with contextlib.suppress(Exception):
             self.stream.close()
-        except Exception:  # noqa: BLE001 -- a pipe's exit status was checked on read; closing early is fine
-            pass
 
 
 def _open(url: str, timeout: float) -> Any:
@@ -121,8 +122,7 @@ def _open(url: str, timeout: float) -> Any:
 
 
 def _read_shard(url: str, stream: _CountingStream) -> Iterator[dict]:
-    files = tariterators.tar_file_expander([{"url": url, "stream": stream}],
-                                               handler=reraise_exception)
+    files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
     yield from tariterators.group_by_keys(files, handler=reraise_exception)
 
 
@@ -356,8 +356,9 @@ class Loader:
             self.good += self.spec.batch_size
             self._check_bad_share()
             yield batch
-        if not given and not self.spec.repeat and not self.batches:
+        if not given and not self.spec.repeat and not self.batches and self.spec.world_size == 1:
             # An evaluation over nothing would fail later on an empty concatenation, or report on 0 items.
+            # (With several ranks one may rightly get no shard of a small set: only the total counts.)
             raise DataError(f"no usable samples in {self.spec.urls!r}: its shards are empty, damaged or not "
                             "tar files")
 

@@ -45,10 +45,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm.data.shards import (
+    _HIGH_BIT_MODES,
     IMAGE_SUFFIXES,
     ShardReport,
     _finish,
-    _HIGH_BIT_MODES,
     _mode_for,
     fit_size,
     make_key,

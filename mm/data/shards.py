@@ -15,6 +15,7 @@ nothing usable at all) raises a UserError naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -99,10 +100,9 @@ def write_samples(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike,
             writer = None
     except BaseException:
         if writer is not None:
-            try:
+            # e.g. the disk is full: the original error is the one to report
+            with contextlib.suppress(Exception):
                 writer.close()
-            except Exception:  # noqa: BLE001 -- e.g. the disk is full: the original error is the one to report
-                pass
         for path in _partial_shards(out, prefix):
             path.unlink(missing_ok=True)
         if created:
