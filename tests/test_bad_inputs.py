@@ -180,6 +180,8 @@ CASES = [
     Case("zeroshot-workers-negative", "mm-zeroshot",
          ["--checkpoint", "{export}", "--data", "{val}", "--workers", "-1", "--output", "{t}/zs.json"],
          ["--workers", ">= 0"], ["{t}/zs.json"]),
+    Case("zeroshot-data-empty", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "", "--output", "{t}/zs.json"], ["--data is empty"], ["{t}/zs.json"]),
     Case("zeroshot-data-not-a-tar", "mm-zeroshot",
          ["--checkpoint", "{export}", "--data", "{txt}", "--output", "{t}/zs.json"], ["no usable samples", "notes.txt"],
          ["{t}/zs.json"]),

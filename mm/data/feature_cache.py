@@ -151,14 +151,18 @@ def _swap(new: Path, final: Path, replacing: bool) -> None:
     if old.exists():
         shutil.rmtree(old)
     os.replace(final, old)
-    os.replace(new, final)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)  # put the old cache back where it was
+        raise
     shutil.rmtree(old)
 
 
 def _build(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls: str, out: Path, batch_size: int,
            num_workers: int, dtype: str, part_size: int, max_samples: int, device: str,
            max_bad_fraction: float, progress: bool) -> dict:
-
+    """The cache itself, written into `out` (meta.json last)."""
     vision = build_encoder(vision_cfg, "vision").to(device)
     text = build_encoder(text_cfg, "text").to(device)
     identity = cache_identity(encoder_identity(vision_cfg, "vision", vision),
