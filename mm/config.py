@@ -38,6 +38,9 @@ class DataConfig:
     # Image-text samples with several captions (json `captions`, as mm-shards coco writes): "draw" one
     # per sample and epoch (seeded: resume sees the same), or "first" (the txt caption only).
     captions: str = "draw"
+    # Further attempts at a remote shard (http(s)://, pipe:, s3:) whose request fails or whose
+    # connection drops; a shard still failing is lost from there and counted (url_error, connection_lost).
+    retries: int = 2
 
 
 @dataclass
@@ -94,12 +97,15 @@ _CHOICES = {"train.precision": ("fp32", "bf16", "fp16")}
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.batch_size": (1, None), "data.num_workers": (0, None), "data.shuffle_buffer": (0, None),
     "data.max_bad_fraction": (0.0, 1.0),
-    "data.samples_per_epoch": (0, None),
+    "data.samples_per_epoch": (0, None), "data.retries": (0, None),
     "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.eps": (0.0, None),
     "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0.0, 1.0),
     "train.steps": (1, None), "train.grad_accum": (1, None), "train.grad_clip": (0.0, None),
     "train.log_every": (1, None), "train.ckpt_every": (0, None), "train.keep_checkpoints": (1, None),
     "train.eval_every": (0, None), "train.max_nonfinite_steps": (1, None), "eval.batch_size": (1, None),
+    # STRUCTURE's cache and layer selection (mm-structure); 0 means "all" / "default" where allowed.
+    "cache.batch_size": (1, None), "cache.num_workers": (0, None), "cache.part_size": (1, None),
+    "cache.max_samples": (0, None), "select.n": (0, None), "select.k": (0, None),
 }
 
 
@@ -209,6 +215,25 @@ def build_config(cls: type, tree: Any, source: str) -> Any:
     return _build(cls, tree, "", source)
 
 
+def _check_data(data: DataConfig, prefix: str, source: str) -> None:
+    """Values of the data section that only make sense together, checked before any run directory exists."""
+    weights = data.train_weights
+    if not weights:
+        return
+    key = f"{prefix}.train_weights"
+    if any(not w >= 0 or w == float("inf") for w in weights) or not sum(weights) > 0:
+        raise ConfigError(f"{source}: '{key}' must be finite, >= 0 and not all 0 (each source is drawn in "
+                          f"proportion to its weight), got {weights}")
+    if data.train:
+        n = len([part for part in data.train.split("::") if part.strip()])
+        if n != len(weights):
+            raise ConfigError(f"{source}: '{key}' has {len(weights)} weights for {n} source(s) in "
+                              f"'{prefix}.train' (sources are separated by '::')")
+    if not data.resampled:
+        raise ConfigError(f"{source}: '{key}' needs '{prefix}.resampled: true' (weighted mixing draws shards "
+                          "with replacement)")
+
+
 def _parse_value(text: str) -> Any:
     # YAML gives numbers, booleans, lists and strings the way a user would write them on a command line.
     return yaml.safe_load(text) if text != "" else ""
@@ -256,7 +281,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
         _apply_override(tree, assignment)
     for note in migrate(cls, tree):
         print(f"note: --set: {note}", file=sys.stderr)
-    return _build(cls, tree, "", f"{source} + --set" if overrides else source)
+    cfg = _build(cls, tree, "", f"{source} + --set" if overrides else source)
+    if isinstance(getattr(cfg, "data", None), DataConfig):
+        _check_data(cfg.data, "data", f"{source} + --set" if overrides else source)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -24,8 +24,10 @@ class DataError(UserError):
 
 
 def check_output_file(path: str | os.PathLike, option: str) -> None:
-    """Fail before any compute when `path` could not be written: the nearest existing folder above it
-    is a file or is not writable. Creates nothing."""
+    """Fail before any compute when `path` could not be written: it is a folder, or the nearest existing
+    folder above it is a file or is not writable. Creates nothing."""
+    if Path(path).is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name, e.g. {Path(path) / 'result.json'}")
     existing = Path(path).absolute().parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -35,17 +37,26 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
         raise UserError(f"{option} {path}: cannot write there ({existing} is not writable)")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, announce: str | None = None) -> None:
     """Write a text file whole or not at all (a temporary name, synced, then a rename), so a run stopped
-    half-way never leaves a truncated result, config or checkpoint marker that looks complete."""
+    half-way never leaves a truncated result, config or checkpoint marker that looks complete.
+
+    With `announce` (the option that named the file, e.g. '--output'), replacing an existing file is
+    said on stderr: a user's earlier result is never overwritten silently."""
     path = Path(path)
+    if announce and path.exists():
+        print(f"{announce}: replacing {path}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # a checkpoint's "latest" marker must not outlive the files it names
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a checkpoint's "latest" marker must not outlive the files it names
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a folder at `path` must not leave the .tmp behind
+        raise
 
 
 def _one_line(e: Exception) -> str:

@@ -22,9 +22,21 @@ def shapes(tmp_path_factory) -> dict:
             "val": val[0], "root": root}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the default rendezvous port (29500) is often
+    held by another job's training, and a launch on it fails. (The kernel may hand the port to another
+    process before ours binds it; short of that it is free.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def torchrun():
-    """Run a script with `torchrun --standalone` and N real ranks (gloo on the CPU)."""
+    """Run a script with `torchrun --standalone` and N real ranks (gloo on the CPU). --standalone
+    rendezvouses on a free port of its own, never the default 29500."""
     import subprocess
     import sys
 

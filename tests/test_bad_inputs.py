@@ -106,6 +106,23 @@ CASES = [
     Case("train-structure-missing-cache", "train:structure",
          ["--config", "configs/structure/tiny.yaml", "--set", "cache.dir={t}/nocache", "--set",
           "train.out_dir={t}/{case}", "--set", "eval.zeroshot_data="], ["nocache"], ["{t}/{case}"]),
+    Case("train-structure-damaged-cache", "train:structure",
+         ["--config", "configs/structure/tiny.yaml", "--set", "cache.dir={damaged_cache}", "--set",
+          "train.out_dir={t}/{case}", "--set", "eval.zeroshot_data="], ["damaged", "--overwrite"], ["{t}/{case}"]),
+    # --- train entry points: data values that only make sense together
+    Case("train-mixing-weights-sum-to-zero", "train:clip",
+         clip_train("data.resampled=true", "data.train_weights=[0.0]"), ["data.train_weights", "not all 0"],
+         ["{t}/{case}"]),
+    Case("train-mixing-weight-negative", "train:clip",
+         clip_train("data.resampled=true", "data.train_weights=[-1.0]"), ["data.train_weights", ">= 0"],
+         ["{t}/{case}"]),
+    Case("train-mixing-weights-per-source", "train:clip",
+         clip_train("data.resampled=true", "data.train_weights=[1.0, 2.0]"), ["2 weights for 1 source"],
+         ["{t}/{case}"]),
+    Case("train-mixing-weights-without-resampling", "train:clip", clip_train("data.train_weights=[1.0]"),
+         ["data.resampled: true"], ["{t}/{case}"]),
+    Case("train-retries-negative", "train:clip", clip_train("data.retries=-1"), ["data.retries", ">= 0"],
+         ["{t}/{case}"]),
     # --- train entry points: an out_dir holding someone else's checkpoint
     Case("train-resume-checkpoint-of-another-task", "train:clip", clip_train(out="{other_task_run}"),
          ["checkpoint of task 'filip'", "train.resume=false"], ["{other_task_run}/export"]),
@@ -128,6 +145,8 @@ CASES = [
          ["nomasks"], ["{t}/s"]),
     Case("shards-unwritable-out", "mm-shards", ["synthetic", "--out", "{file}/s", "--num-samples", "4"],
          ["afile"]),
+    Case("shards-out-is-a-file", "mm-shards", ["synthetic", "--out", "{file}", "--num-samples", "4"],
+         ["afile", "is a file"]),
     # --- mm-zeroshot
     Case("zeroshot-missing-checkpoint", "mm-zeroshot", ["--checkpoint", "{t}/none.safetensors", "--data", "{val}",
                                                          "--output", "{t}/zs.json"], ["none.safetensors"], ["{t}/zs.json"]),
@@ -151,6 +170,25 @@ CASES = [
     Case("zeroshot-batch-size-zero", "mm-zeroshot",
          ["--checkpoint", "{export}", "--data", "{val}", "--batch-size", "0", "--output", "{t}/zs.json"],
          ["--batch-size"], ["{t}/zs.json"]),
+    Case("zeroshot-template-with-another-placeholder", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "{val}", "--templates", "{style_templates}", "--output", "{t}/zs.json"],
+         ["style.txt", "{{style}}"], ["{t}/zs.json"]),
+    Case("zeroshot-template-with-two-slots", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "{val}", "--templates", "{two_slot_templates}", "--output",
+          "{t}/zs.json"], ["two.txt", "exactly one"], ["{t}/zs.json"]),
+    Case("zeroshot-template-with-a-stray-brace", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "{val}", "--templates", "{brace_templates}", "--output",
+          "{t}/zs.json"], ["brace.txt", "not a format string"], ["{t}/zs.json"]),
+    Case("zeroshot-workers-negative", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "{val}", "--workers", "-1", "--output", "{t}/zs.json"],
+         ["--workers", ">= 0"], ["{t}/zs.json"]),
+    Case("zeroshot-data-empty", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "", "--output", "{t}/zs.json"], ["--data is empty"], ["{t}/zs.json"]),
+    Case("zeroshot-data-not-a-tar", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "{txt}", "--output", "{t}/zs.json"], ["no usable samples", "notes.txt"],
+         ["{t}/zs.json"]),
+    Case("zeroshot-output-is-a-folder", "mm-zeroshot",
+         ["--checkpoint", "{export}", "--data", "{val}", "--output", "{t}"], ["--output", "is a folder"]),
     Case("zeroshot-unwritable-output", "mm-zeroshot",
          ["--checkpoint", "{export}", "--data", "{val}", "--output", "{file}/zs.json"], ["--output", "afile"]),
     # --- mm-retrieval
@@ -167,6 +205,10 @@ CASES = [
     Case("retrieval-missing-data", "mm-retrieval",
          ["--checkpoint", "{export}", "--data", "{t}/none.tar", "--output", "{t}/r.json"], ["none.tar"],
          ["{t}/r.json"]),
+    Case("retrieval-workers-negative", "mm-retrieval",
+         ["--checkpoint", "{export}", "--data", "{val}", "--workers", "-1"], ["--workers", ">= 0"]),
+    Case("retrieval-output-is-a-folder", "mm-retrieval",
+         ["--checkpoint", "{export}", "--data", "{val}", "--output", "{t}"], ["--output", "is a folder"]),
     Case("retrieval-unwritable-output", "mm-retrieval",
          ["--checkpoint", "{export}", "--data", "{val}", "--output", "{file}/r.json"], ["--output", "afile"]),
     # --- mm-compositional
@@ -180,6 +222,8 @@ CASES = [
     Case("compositional-unknown-parser", "mm-compositional",
          ["--checkpoint", "{export}", "--synthetic-shapes", "{val}", "--parser", "fancy", "--output", "{t}/c.json"],
          ["--parser must be one of auto, spacy, simple", "fancy"], ["{t}/c.json"]),
+    Case("compositional-output-is-a-folder", "mm-compositional",
+         ["--checkpoint", "{export}", "--synthetic-shapes", "{val}", "--output", "{t}"], ["--output", "is a folder"]),
     Case("compositional-min-pair-items-zero", "mm-compositional",
          ["--checkpoint", "{export}", "--synthetic-shapes", "{val}", "--min-pair-items", "0"], [">= 1"]),
     # --- mm-segment, mm-merge-lora, mm-structure
@@ -201,7 +245,21 @@ CASES = [
     Case("mm-zeroshot-checkpoint-not-safetensors", "mm", ["zeroshot", "--checkpoint", "{txt}", "--data", "{val}"],
          ["notes.txt"]),
     Case("mm-train-missing-config", "mm", ["train", "clip", "--config", "{t}/nope.yaml"], ["nope.yaml", "cannot read"]),
+    Case("merge-lora-out-is-a-folder", "mm-merge-lora", ["{seg_export}", "--out", "{t}", "--overwrite"],
+         ["--out", "is a folder"]),
     Case("structure-cache-misspelt-key", "mm-structure", ["cache", "--config", "{misspelt_yaml}"], ["optim.lrr"]),
+    Case("structure-cache-overwrite-of-a-folder-that-is-no-cache", "mm-structure",
+         ["cache", "--config", "configs/structure/tiny.yaml", "--set", "cache.dir={t}", "--set", "data.train={shards}",
+          "--overwrite"], ["not a feature cache", "nothing deleted"]),
+    Case("structure-cache-batch-size-zero", "mm-structure",
+         ["cache", "--config", "configs/structure/tiny.yaml", "--set", "cache.dir={t}/{case}", "--set",
+          "cache.batch_size=0"], ["cache.batch_size", ">= 1"], ["{t}/{case}"]),
+    Case("structure-cache-unknown-device", "mm-structure",
+         ["cache", "--config", "configs/structure/tiny.yaml", "--set", "cache.dir={t}/{case}", "--set",
+          "data.train={shards}", "--set", "cache.device=tpu"], ["cache.device", "tpu"], ["{t}/{case}"]),
+    Case("structure-select-on-a-damaged-cache", "mm-structure",
+         ["select", "--config", "configs/structure/tiny.yaml", "--set", "cache.dir={damaged_cache}"],
+         ["damaged", "meta.json", "--overwrite"]),
     Case("structure-select-missing-config", "mm-structure", ["select", "--config", "{t}/nope.yaml"], ["nope.yaml"]),
 ]
 
@@ -245,6 +303,11 @@ def paths(shapes, tmp_path_factory) -> dict[str, str]:
     (t / "list.yaml").write_text("- a\n- b\n")
     (t / "misspelt.yaml").write_text("optim:\n  lrr: 0.1\n")
     (t / "dict.json").write_text('{"a": 1}')
+    (t / "style.txt").write_text("a photo of a {}, {style}\n")
+    (t / "two.txt").write_text("a {} next to a {}\n")
+    (t / "brace.txt").write_text("a {} }\n")
+    (t / "damaged_cache").mkdir()
+    (t / "damaged_cache" / "meta.json").write_text('{"kind": "mm-feature-cache", "identity": {"form')
 
     clip_cfg = load_config(None, [o for o in CLIP_TINY if o.startswith("model.")], ClipRunConfig)
     torch.manual_seed(0)
@@ -268,6 +331,8 @@ def paths(shapes, tmp_path_factory) -> dict[str, str]:
         "t": str(t), "txt": str(t / "notes.txt"), "png": str(t / "image.png"), "file": str(t / "afile"),
         "list_yaml": str(t / "list.yaml"), "misspelt_yaml": str(t / "misspelt.yaml"),
         "json_dict": str(t / "dict.json"), "shards": shapes["train"], "val": shapes["val"],
+        "style_templates": str(t / "style.txt"), "two_slot_templates": str(t / "two.txt"),
+        "brace_templates": str(t / "brace.txt"), "damaged_cache": str(t / "damaged_cache"),
         "export": str(t / "clip.safetensors"), "misfit_export": str(t / "misfit.safetensors"),
         "seg_export": str(t / "seg.safetensors"),
         "other_task_run": _fake_run(t / "other_task", "filip", 1, None),

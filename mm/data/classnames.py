@@ -8,8 +8,9 @@ open_clip package).
 
 from __future__ import annotations
 
+import string
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mm.errors import UserError
 
@@ -96,7 +97,12 @@ def _load(spec: str, builtin: dict, what: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"{what}: {spec!r} is neither a built-in set ({', '.join(builtin)}) nor a file")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{what}: {spec} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{what}: cannot read {spec} ({e.strerror or e})") from None
     if not lines:
         raise UserError(f"{what}: {spec} is empty")
     return lines
@@ -107,8 +113,21 @@ def load_classnames(spec: str) -> list[str]:
 
 
 def load_templates(spec: str) -> list[str]:
+    """Templates with exactly one '{}' (the class name); any other placeholder ('{style}', '{0}', a second
+    '{}', a stray brace) is refused here, where str.format would fail on it only mid-evaluation."""
     templates = _load(spec, BUILTIN_TEMPLATES, "templates")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise UserError(f"templates: {spec}: template {bad[0]!r} has no '{{}}' for the class name")
+    for t in templates:
+        try:
+            fields = [(name, fmt, conv) for _, name, fmt, conv in string.Formatter().parse(t) if name is not None]
+        except ValueError as e:
+            raise UserError(f"templates: {spec}: template {t!r} is not a format string ({e}); write a literal "
+                            "brace as '{{' or '}}'") from None
+        if not fields:
+            raise UserError(f"templates: {spec}: template {t!r} has no '{{}}' for the class name")
+        others = ["{" + name + (f"!{conv}" if conv else "") + (f":{fmt}" if fmt else "") + "}"
+                  for name, fmt, conv in fields if (name, fmt, conv) != ("", "", None)]
+        if others or len(fields) > 1:
+            found = ", ".join(others) if others else f"{len(fields)} '{{}}'"
+            raise UserError(f"templates: {spec}: template {t!r} must hold exactly one '{{}}' (the class name) and "
+                            f"no other placeholder; found {found}")
     return templates

@@ -196,6 +196,9 @@ def format_summary(report: ShardReport, out_dir: str) -> str:
         lines += [f"  {path}: {reason}" for path, reason in report.skipped[:_SHOWN_SKIPS]]
         if len(report.skipped) > _SHOWN_SKIPS:
             lines.append(f"  ... and {len(report.skipped) - _SHOWN_SKIPS} more")
+    if report.stretched:
+        lines.append(f"{report.stretched} image(s) had 16-bit or float pixels: stored as 8 bits, each stretched "
+                     "from its 1st to its 99th percentile")
     return "\n".join(lines)
 
 

@@ -8,13 +8,22 @@ Layout of a cache directory:
                                identities (config, weights digest, preprocessing), the shard URLs
 A directory without meta.json is an interrupted build. A cache whose recorded identity differs from
 the one the current config gives is stale: opening it is a DataError, never a silent reuse.
+
+Rebuilding (--overwrite) never costs the user a folder: the new cache is built in a hidden sibling
+folder and swapped in only when complete (a mistyped shard path or a crash keeps the old cache), and
+the folder it replaces must be recognisably a cache (meta.json with MARKER, or nothing but cache
+files): a cache.dir pointing at anything else is refused, never deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mm.data.image_text import decode_image
-from mm.data.loader import Loader, SampleError, StreamSpec, default_collate
+from mm.data.loader import Loader, SampleError, StreamSpec, check_local_shards, default_collate
 from mm.errors import DataError, UserError, write_text_atomic
 from mm.models.encoders import (
     EncoderConfig,
@@ -35,6 +44,11 @@ from mm.models.encoders import (
 
 META = "meta.json"
 FORMAT = 1
+MARKER = "mm-feature-cache"  # meta.json["kind"]: what makes a folder safe to replace
+_PART = re.compile(r"part-\d{6}\.safetensors")
+# What a cache folder may hold: its parts, meta.json (and its temporary name), mm-structure select's
+# default output folder.
+_CACHE_NAMES = {META, f".{META}.tmp", "select"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -66,15 +80,89 @@ def build_feature_cache(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls
                         progress: bool = False) -> dict:
     """Extract and store every layer's pooled features of both encoders for each (image, caption) pair
     in `urls` (one pass, shard order, no augmentation). Returns the meta record."""
-    out = Path(out_dir)
+    final = Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"cache.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: the cache directory is not empty (pass --overwrite to rebuild it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if device != "cpu" and not device.startswith(("cuda", "mps", "xpu")):
+        raise UserError(f"cache.device must be cpu, cuda or cuda:N, got {device!r}")
+    replacing = _check_replaceable(final, overwrite)
+    check_local_shards(urls, "data.train")
+    out = final.parent / f".{final.name}.building"
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # removed on failure
+    try:
+        if out.exists():  # left by a build that was killed: ours by its name
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cache.dir {final}: cannot create {out}: {e.strerror or e}") from None
+    try:
+        meta = _build(vision_cfg, text_cfg, urls, out, batch_size, num_workers, dtype, part_size,
+                      max_samples, device, max_bad_fraction, progress)
+        _swap(out, final, replacing)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        for folder in created:  # innermost first; only ever empty folders this build made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    if replacing:
+        print(f"replaced the feature cache in {final} ({meta['n']} pairs)", file=sys.stderr)
+    return meta
 
+
+def is_feature_cache(path: Path) -> bool:
+    """Whether `path` is a folder this module wrote: meta.json carrying MARKER (or, from before the
+    marker, an identity with a format), or a folder holding nothing but cache files (an interrupted
+    build, a cache whose meta.json is damaged)."""
+    if not path.is_dir():
+        return False
+    try:
+        meta = json.loads((path / META).read_text())
+        if isinstance(meta, dict) and (meta.get("kind") == MARKER or
+                                       isinstance(meta.get("identity"), dict) and "format" in meta["identity"]):
+            return True
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return all(p.name in _CACHE_NAMES or _PART.fullmatch(p.name) for p in path.iterdir())
+
+
+def _check_replaceable(final: Path, overwrite: bool) -> bool:
+    """True when `final` holds a cache to replace; UserError when it holds anything else."""
+    if final.exists() and not final.is_dir():
+        raise UserError(f"cache.dir {final} is a file, not a folder")
+    if not final.exists() or not any(final.iterdir()):
+        return False
+    if not is_feature_cache(final):
+        raise UserError(f"cache.dir {final} is not empty and is not a feature cache (no {META} written by "
+                        "`mm-structure cache`): nothing deleted; choose another cache.dir")
+    if not overwrite:
+        raise UserError(f"{final}: the cache directory is not empty (pass --overwrite to rebuild it)")
+    return True
+
+
+def _swap(new: Path, final: Path, replacing: bool) -> None:
+    """Put the complete cache `new` at `final`; the old cache is deleted only once the new one is there."""
+    if not replacing:
+        if final.exists():
+            final.rmdir()  # an empty folder the user made for it
+        os.replace(new, final)
+        return
+    old = final.parent / f".{final.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)  # put the old cache back where it was
+        raise
+    shutil.rmtree(old)
+
+
+def _build(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls: str, out: Path, batch_size: int,
+           num_workers: int, dtype: str, part_size: int, max_samples: int, device: str,
+           max_bad_fraction: float, progress: bool) -> dict:
+    """The cache itself, written into `out` (meta.json last)."""
     vision = build_encoder(vision_cfg, "vision").to(device)
     text = build_encoder(text_cfg, "text").to(device)
     identity = cache_identity(encoder_identity(vision_cfg, "vision", vision),
@@ -146,7 +234,7 @@ def build_feature_cache(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls
         bar.close()
     if not keys:
         raise DataError(f"{urls}: no usable image-caption pairs")
-    meta = {"identity": identity, "n": len(keys), "keys": keys, "parts": parts, "dtype": dtype,
+    meta = {"kind": MARKER, "identity": identity, "n": len(keys), "keys": keys, "parts": parts, "dtype": dtype,
             "vision_dims": list(vision.dims), "text_dims": list(text.dims),
             "duplicate_keys": duplicates, "bad_samples": loader.bad_counts}
     write_text_atomic(out / META, json.dumps(meta))
@@ -171,7 +259,7 @@ class FeatureCache:
         if not meta_path.is_file():
             what = "an interrupted build (no meta.json)" if self.path.is_dir() else "missing"
             raise DataError(f"{self.path}: the feature cache is {what}; build it with `mm-structure cache`")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = self._read_meta(meta_path)
         if expected is not None:
             diff = _differences(self.meta["identity"], expected)
             if diff:
@@ -180,6 +268,49 @@ class FeatureCache:
         self.keys: list[str] = self.meta["keys"]
         self.vision_dims: list[int] = self.meta["vision_dims"]
         self.text_dims: list[int] = self.meta["text_dims"]
+        self._check_parts()
+
+    def _damaged(self, what: str) -> DataError:
+        return DataError(f"{self.path}: the feature cache is damaged ({what}); rebuild it with "
+                         "`mm-structure cache --overwrite`")
+
+    def _read_meta(self, meta_path: Path) -> dict:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise self._damaged(f"{META} is not valid JSON, e.g. cut short") from None
+        need = {"identity": dict, "n": int, "keys": list, "parts": list, "vision_dims": list, "text_dims": list}
+        bad = [k for k, tp in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), tp)]
+        if bad:
+            raise self._damaged(f"{META} lacks {', '.join(bad)}")
+        if len(meta["keys"]) != meta["n"]:
+            raise self._damaged(f"{META} lists {len(meta['keys'])} keys for {meta['n']} rows")
+        return meta
+
+    def _check_parts(self) -> None:
+        """Every part present, whole (safetensors checks its header covers the file) and holding every
+        layer with one row per key: a truncated or missing part fails here, not half-way through a run."""
+        rows = 0
+        for part in self.meta["parts"]:
+            path = self.path / str(part)
+            if not path.is_file():
+                raise self._damaged(f"{part} is missing")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    names = set(f.keys())
+                    shapes = {name: f.get_slice(name).get_shape() for name in names}
+            except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type for bad files
+                raise self._damaged(f"{part}: {e}") from None
+            expected = {f"vision.{i}" for i in range(len(self.vision_dims))} | \
+                       {f"text.{i}" for i in range(len(self.text_dims))}
+            if names != expected:
+                raise self._damaged(f"{part} holds other tensors than the layers {META} lists")
+            counts = {shape[0] for shape in shapes.values()}
+            if len(counts) != 1:
+                raise self._damaged(f"{part}: layers with different row counts")
+            rows += counts.pop()
+        if rows != len(self):
+            raise self._damaged(f"{rows} rows in the parts, {len(self)} in {META}")
 
     def __len__(self) -> int:
         return int(self.meta["n"])

@@ -15,6 +15,7 @@ from mm.data.loader import SampleError
 from mm.errors import UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def decode_image(raw: dict, keys: tuple[str, ...] = IMAGE_KEYS, mode: str = "RGB") -> Image.Image:
@@ -25,6 +26,12 @@ def decode_image(raw: dict, keys: tuple[str, ...] = IMAGE_KEYS, mode: str = "RGB
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+        if image.mode in HIGH_BIT_MODES:
+            # PIL's convert() saturates 16-bit values at 255 (a 16-bit PNG turns almost white); shards
+            # written before mm-shards stretched such images, or by other tools, still hold them.
+            from mm.data.shards import to_8bit
+
+            image = to_8bit(image)
         return image.convert(mode)
     except Exception as e:  # PIL raises many types for corrupt files
         raise SampleError("undecodable_image", f"{raw.get('__key__', '?')}: {e}") from None

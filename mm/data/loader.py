@@ -9,22 +9,43 @@ Order of work inside each data-loader worker:
   -> task's sample map (decode, transform; a corrupt sample raises SampleError and is counted)
   -> batches, each carrying the worker's position and its corrupt-sample counts.
 
-Resume: every batch carries (worker, epoch, raw samples consumed). The main process keeps the newest
-position per worker and the number of batches taken; a loader started from that state skips the raw
-samples already consumed and rotates worker roles so batches arrive in the same order as in the
-uninterrupted run (torch's DataLoader takes batches round-robin from its workers, starting at 0).
+Resume: every batch carries (worker, epoch, raw samples consumed, shards lost this epoch). The main
+process keeps the newest position per worker and the number of batches taken; a loader started from
+that state skips the raw samples already consumed and rotates worker roles so batches arrive in the
+same order as in the uninterrupted run (torch's DataLoader takes batches round-robin from its workers,
+starting at 0).
+
+Shards that cannot be read whole: a remote shard (http(s)://, pipe:, s3:...) whose request fails or
+whose connection drops is retried `retries` times, each retry reading past the samples already
+delivered; a shard still failing, or a damaged local file (never retried), is lost from that point
+and counted once by kind (url_error: nothing could be read; connection_lost: the transfer stopped
+part-way; zero_byte_shard, truncated_tar, unreadable_tar: the file itself). The position records each
+lost shard with the number of samples it gave, so a resumed run replays exactly what the interrupted
+one saw (a shard lost then is cut at the same sample now, even if the server has recovered) and does
+not count those losses twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.client
 import random
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections import Counter
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
 
 from mm.errors import DataError
 
@@ -58,13 +79,67 @@ def check_local_shards(urls: str, key: str = "data.train") -> None:
     from pathlib import Path
 
     for url in (u for src in expand_sources(urls) for u in src):
-        if ":" in url.split("/", 1)[0] and not url.startswith("file:"):
+        if not is_local(url):
             continue
         path = Path(url.removeprefix("file:"))
         if not path.exists():
             raise DataError(f"{key}: no such shard {path}")
         if not path.is_file():
             raise DataError(f"{key}: {path} is not a shard file (a .tar)")
+
+
+def is_local(url: str) -> bool:
+    """A path or file: URL (as opposed to http(s)://, pipe:, s3:, ... which are fetched)."""
+    return url.startswith("file:") or ":" not in url.split("/", 1)[0]
+
+
+class _CountingStream:
+    """A read-only stream that counts the bytes it gave (to tell 'nothing arrived' from 'cut short')."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.bytes = stream, 0
+
+    def read(self, *args: Any) -> bytes:
+        data = self.stream.read(*args)
+        self.bytes += len(data)
+        if not data and getattr(self.stream, "length", None):
+            # http.client returns b"" when the server closes before Content-Length bytes arrived.
+            raise http.client.IncompleteRead(b"", self.stream.length)
+        return data
+
+    def close(self) -> None:
+        # A pipe's exit status was checked on read; closing one early (a shard cut off) may raise.
+        with contextlib.suppress(Exception):
+            self.stream.close()
+
+
+def _open(url: str, timeout: float) -> Any:
+    # urllib rather than webdataset's curl pipe for http(s): curl retries some failures by itself (30
+    # times, 2 s apart) and reports every failure as an exit code; here a retry is ours to count.
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=timeout)
+    return gopen(url)
+
+
+def _read_shard(url: str, stream: _CountingStream) -> Iterator[dict]:
+    files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
+    yield from tariterators.group_by_keys(files, handler=reraise_exception)
+
+
+_TRANSPORT_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
+                     TimeoutError)
+
+
+def _loss_kind(exn: Exception, received: int, local: bool) -> str:
+    """What a failed shard counts as in the bad-sample counts."""
+    text = str(exn).lower()
+    if not local and (isinstance(exn, _TRANSPORT_ERRORS) or "exit" in text):  # exit: a pipe: command failed
+        return "url_error" if received == 0 else "connection_lost"
+    if "empty file" in text:
+        return "zero_byte_shard"
+    if any(t in text for t in ("unexpected end", "truncated", "empty header")):
+        return "truncated_tar"
+    return "unreadable_tar"
 
 
 @dataclasses.dataclass
@@ -84,6 +159,9 @@ class StreamSpec:
     resampled: bool = False
     weights: list[float] = dataclasses.field(default_factory=list)
     drop_last: bool = True  # only for one-pass streams; endless streams always give full batches
+    retries: int = 2  # further attempts at a remote shard whose request fails or whose connection drops
+    retry_delay: float = 1.0  # seconds before the first retry; doubles with each further one
+    timeout: float = 60.0  # seconds without data before a remote request counts as failed
 
 
 def _rng(*parts: int) -> random.Random:
@@ -92,16 +170,21 @@ def _rng(*parts: int) -> random.Random:
 
 
 class _Stream(IterableDataset):
-    def __init__(self, spec: StreamSpec, start: dict[int, tuple[int, int]], rotation: int, bad: Counter):
+    def __init__(self, spec: StreamSpec, start: dict[int, tuple], rotation: int, bad: Counter):
         self.spec = spec
         self.sources = expand_sources(spec.urls)
-        self.start = start  # logical worker -> (epoch, raw samples consumed)
+        self.start = start  # logical worker -> (epoch, raw samples consumed, {shard index: samples} lost)
         self.rotation = rotation
         self.initial_bad = bad
+        if spec.batch_size < 1 or spec.num_workers < 0 or spec.retries < 0 or spec.shuffle_buffer < 0:
+            raise DataError(f"batch size must be >= 1 and workers, retries, shuffle buffer >= 0; got "
+                            f"{spec.batch_size}, {spec.num_workers}, {spec.retries}, {spec.shuffle_buffer}")
         if spec.weights and len(spec.weights) != len(self.sources):
             raise DataError(f"{len(spec.weights)} weights for {len(self.sources)} sources in {spec.urls!r}")
         if spec.weights and not spec.resampled:
             raise DataError("weighted mixing of sources needs data.resampled: true")
+        if spec.weights and (min(spec.weights) < 0 or not sum(spec.weights) > 0 or sum(spec.weights) == float("inf")):
+            raise DataError(f"data.train_weights {spec.weights}: weights must be >= 0 with a positive, finite sum")
         n_shards = sum(len(s) for s in self.sources)
         workers = spec.world_size * max(1, spec.num_workers)
         if spec.repeat and not spec.resampled and n_shards < workers:
@@ -122,22 +205,50 @@ class _Stream(IterableDataset):
         _rng(spec.seed, epoch).shuffle(flat)
         return flat[worker::n_workers]
 
-    def _samples(self, urls: list[str], bad: Counter) -> Iterator[dict]:
-        def count_and_continue(exn: Exception) -> bool:
-            # A shard cut short loses the rest of its members (its half-read sample included); an empty
-            # file or one that is no tar at all gives nothing.
-            text = str(exn).lower()
-            if "empty file" in text:
-                kind = "zero_byte_shard"
-            elif any(t in text for t in ("unexpected end", "truncated", "empty header")):
-                kind = "truncated_tar"
-            else:
-                kind = "unreadable_tar"
-            bad[kind] += 1
-            bad["total"] += 1
-            return True
+    def _samples(self, urls: list[str], bad: Counter, lost: dict[int, int],
+                 replay: dict[int, int]) -> Iterator[dict]:
+        """The raw samples of `urls` in order. `lost` receives {index: samples given} for each shard lost
+        (and its loss is counted in `bad`); `replay` holds the losses a resumed run already counted."""
+        for index, url in enumerate(urls):
+            yield from self._shard_samples(url, index, bad, lost, replay.get(index))
 
-        yield from wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=count_and_continue)
+    def _shard_samples(self, url: str, index: int, bad: Counter, lost: dict[int, int],
+                       limit: int | None) -> Iterator[dict]:
+        local = is_local(url)
+        # A loss the interrupted run counted is replayed as it happened: cut at the same sample, no retry.
+        retries = 0 if local or limit is not None else max(0, self.spec.retries)
+        delivered = 0
+        for attempt in range(retries + 1):
+            stream = None
+            try:
+                stream = _CountingStream(_open(url, self.spec.timeout))
+                for i, sample in enumerate(_read_shard(url, stream)):
+                    if limit is not None and i >= limit:
+                        break
+                    if i < delivered:  # given before the connection dropped: a retry reads past it
+                        continue
+                    delivered += 1
+                    yield sample
+                if limit is not None:
+                    lost[index] = limit
+                return
+            except Exception as exn:  # noqa: BLE001 -- any failure of one shard costs that shard, never the run
+                if limit is not None:
+                    lost[index] = limit
+                    return
+                kind = _loss_kind(exn, stream.bytes if stream else 0, local)
+                if attempt < retries:
+                    print(f"warning: {url}: {kind} ({exn}); retry {attempt + 1} of {retries}", file=sys.stderr,
+                          flush=True)
+                    time.sleep(self.spec.retry_delay * 2 ** attempt)
+                    continue
+                bad[kind] += 1
+                bad["total"] += 1
+                lost[index] = delivered
+                return
+            finally:
+                if stream is not None:
+                    stream.close()
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         size = self.spec.shuffle_buffer
@@ -162,13 +273,15 @@ class _Stream(IterableDataset):
         local = (physical + self.rotation) % n_local
         worker = spec.rank * n_local + local  # global logical worker index
         n_workers = spec.world_size * n_local
-        epoch, skip = self.start.get(worker, (0, 0))
+        epoch, skip, *rest = self.start.get(worker, (0, 0, {}))
+        replay = {int(k): int(v) for k, v in (rest[0] if rest else {}).items()}
         bad = Counter(self.initial_bad.get(worker, {}))
         batch: list[dict] = []
         good = 0  # samples of this worker's current epoch that decoded
         while True:
             consumed, good, bad_at_start, full_epoch = 0, 0, bad["total"], skip == 0
-            stream = self._shuffled(self._samples(self._shards(epoch, worker, n_workers), bad),
+            lost: dict[int, int] = {}
+            stream = self._shuffled(self._samples(self._shards(epoch, worker, n_workers), bad, lost, replay),
                                     _rng(spec.seed, epoch, worker, 2))
             for raw in stream:
                 consumed += 1
@@ -187,14 +300,14 @@ class _Stream(IterableDataset):
                     continue
                 if len(batch) == spec.batch_size:
                     out = spec.collate(batch)
-                    out["__pos__"] = (worker, epoch, consumed, dict(bad))
+                    out["__pos__"] = (worker, epoch, consumed, dict(lost), dict(bad))
                     yield out
                     batch = []
-            skip = 0
+            skip, replay = 0, {}
             if not spec.repeat:
                 if batch and not spec.drop_last:
                     out = spec.collate(batch)
-                    out["__pos__"] = (worker, epoch, consumed, dict(bad))
+                    out["__pos__"] = (worker, epoch, consumed, dict(lost), dict(bad))
                     yield out
                 return
             if consumed == 0 and bad["total"] == bad_at_start:
@@ -220,7 +333,8 @@ class Loader:
         self.spec = spec
         state = state or {}
         self.batches = int(state.get("batches", 0))
-        self.positions: dict[int, tuple[int, int]] = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
+        # (epoch, consumed, lost shards); a state saved before lost shards were recorded has no third item
+        self.positions: dict[int, tuple] = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
         self.bad: dict[int, dict] = {int(k): dict(v) for k, v in state.get("bad", {}).items()}
         self.max_bad_fraction = max_bad_fraction
         self.min_samples_for_check = min_samples_for_check
@@ -232,14 +346,21 @@ class Loader:
                                  persistent_workers=False, prefetch_factor=4 if spec.num_workers else None)
 
     def __iter__(self) -> Iterator[dict]:
+        given = 0
         for batch in self.loader:
-            worker, epoch, consumed, bad = batch.pop("__pos__")
+            given += 1
+            worker, epoch, consumed, lost, bad = batch.pop("__pos__")
             self.batches += 1
-            self.positions[worker] = (epoch, consumed)
+            self.positions[worker] = (epoch, consumed, lost)
             self.bad[worker] = bad
             self.good += self.spec.batch_size
             self._check_bad_share()
             yield batch
+        if not given and not self.spec.repeat and not self.batches and self.spec.world_size == 1:
+            # An evaluation over nothing would fail later on an empty concatenation, or report on 0 items.
+            # (With several ranks one may rightly get no shard of a small set: only the total counts.)
+            raise DataError(f"no usable samples in {self.spec.urls!r}: its shards are empty, damaged or not "
+                            "tar files")
 
     @property
     def bad_counts(self) -> dict[str, int]:

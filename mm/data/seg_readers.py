@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm.data.shards import (
+    _HIGH_BIT_MODES,
     IMAGE_SUFFIXES,
     ShardReport,
     _finish,
@@ -360,6 +361,7 @@ def write_dataset_shards(name: str, root: str | os.PathLike, out_dir: str | os.P
             fields = _encode_sample(sample, max_size, report.skipped)
             if fields is not None:
                 report.written += 1
+                report.stretched += fields.pop("__stretched__")
                 yield {"__key__": make_key(_stem(sample.image), used), **fields}
 
     report.shards = write_samples(encoded(), out_dir, prefix or f"{key}-{split}", shard_size, overwrite)
@@ -378,7 +380,7 @@ def _encode_sample(sample: SegSample, max_size: int | None, skipped: Skipped) ->
     size = fit_size(source, max_size)
     if size != source:
         converted = converted.resize(size, Image.Resampling.LANCZOS)
-    fields = {"png": png_bytes(converted)}
+    fields = {"png": png_bytes(converted), "__stretched__": image.mode in _HIGH_BIT_MODES}
     for what, value in (("mask", sample.mask), ("fov", sample.fov)):
         if value is None:
             continue

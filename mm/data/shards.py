@@ -15,12 +15,14 @@ nothing usable at all) raises a UserError naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ class ShardReport:
     scene_graph_parser: str | None = None  # what --scene-graphs resolved to: spacy | simple | simple-complete
     # Captions without a hard negative, by reason (mm.scenegraph.captions); None: graphs not asked for.
     no_negative: dict[str, int] | None = None
+    stretched: int = 0  # 16-bit or float images stored as 8 bits (1st..99th percentile stretch)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class EncodedImage:
     ext: str  # "jpg" | "png" | "webp": the shard field name
     size: tuple[int, int]  # (width, height) as written
     source_size: tuple[int, int]  # (width, height) of the file, before any resize
+    stretched: bool = False  # 16-bit or float pixels stretched to 8 bits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,42 +79,89 @@ def write_samples(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike,
                   shard_size: int, overwrite: bool = False) -> list[str]:
     """Write sample dicts (bytes values) to `{out_dir}/{prefix}-%06d.tar`; returns the shard paths.
 
-    Existing shards with the same prefix are an error unless `overwrite`, which deletes them first:
-    a loader globbing the directory would otherwise mix stale shards into the new set.
+    Existing shards with the same prefix are an error unless `overwrite`: a loader globbing the
+    directory would otherwise mix stale shards into the new set. Shards are written under temporary
+    names (`.{prefix}-%06d.tar.partial`) and renamed only once every sample is written, so a run that
+    fails half-way (a bad input late in the list, a full disk, Ctrl-C) leaves no shard that looks
+    complete and keeps the shards it would have replaced; replaced shards are reported on stderr.
     """
     if shard_size < 1:
         raise UserError(f"shard size must be at least 1, got {shard_size}")
-    pattern = _prepare_out_dir(Path(out_dir), prefix, overwrite)
-    shards: list[str] = []
+    out = Path(out_dir)
+    created = not out.exists()
+    pattern = _prepare_out_dir(out, prefix, overwrite)
+    partial: list[str] = []
     writer = None
     try:
         for sample in samples:
             if writer is None:  # opened lazily so that no input writes no empty shard
-                writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=shards.append,
+                writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=partial.append,
                                          encoder=False)
             writer.write(sample)
-    finally:
         if writer is not None:
             writer.close()
-    return shards
+            writer = None
+    except BaseException:
+        if writer is not None:
+            # e.g. the disk is full: the original error is the one to report
+            with contextlib.suppress(Exception):
+                writer.close()
+        for path in _partial_shards(out, prefix):
+            path.unlink(missing_ok=True)
+        if created:
+            _remove_empty_dirs(out)
+        raise
+    final = [str(Path(tmp).with_name(Path(tmp).name[1:].removesuffix(_PARTIAL))) for tmp in partial]
+    old = _final_shards(out, prefix)
+    for path in old:  # only now: a run that failed above kept them
+        if str(path) not in final:
+            path.unlink()
+    for tmp, path in zip(partial, final):
+        os.replace(tmp, path)
+    if old:
+        print(f"replaced {len(old)} existing '{prefix}-*.tar' shard(s) in {out}", file=sys.stderr)
+    return final
+
+
+_PARTIAL = ".partial"
+
+
+def _final_shards(out_dir: Path, prefix: str) -> list[Path]:
+    return sorted(p for p in out_dir.iterdir() if re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar", p.name))
+
+
+def _partial_shards(out_dir: Path, prefix: str) -> list[Path]:
+    if not out_dir.is_dir():
+        return []
+    pattern = r"\." + re.escape(prefix) + r"-\d{6}\.tar" + re.escape(_PARTIAL)
+    return sorted(p for p in out_dir.iterdir() if re.fullmatch(pattern, p.name))
+
+
+def _remove_empty_dirs(path: Path) -> None:
+    try:
+        path.rmdir()  # only when empty: never removes anything a user put there meanwhile
+    except OSError:
+        pass
 
 
 def _prepare_out_dir(out_dir: Path, prefix: str, overwrite: bool) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", prefix):
         raise UserError(f"shard prefix {prefix!r} may only hold letters, digits, '_' and '-'")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output directory {out_dir} is a file")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {out_dir}: {e.strerror or e}") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UserError(f"output directory {out_dir} is not writable")
-    old = sorted(p for p in out_dir.iterdir() if re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar", p.name))
+    old = _final_shards(out_dir, prefix)
     if old and not overwrite:
         raise UserError(f"{out_dir} already holds {len(old)} '{prefix}-*.tar' shards; "
                         "pass --overwrite (overwrite=True) to replace them")
-    for path in old:
+    for path in _partial_shards(out_dir, prefix):  # left by a run that was killed (SIGKILL, power loss)
         path.unlink()
-    return str(out_dir / prefix).replace("%", "%%") + "-%06d.tar"
+    return str(out_dir / ("." + prefix)).replace("%", "%%") + "-%06d.tar" + _PARTIAL
 
 
 def make_key(name: str, used: set[str]) -> str:
@@ -156,13 +207,16 @@ def encode_image(path: str | os.PathLike, reencode: str | None = None,
                  max_size: int | None = None) -> EncodedImage:
     """An image file ready for a shard; DataError(reason) if it is missing or cannot be decoded.
 
-    The original bytes are kept unless `reencode` names a format, `max_size` shrinks the image, or the
-    file's format is not one a shard holds (TIFF, GIF, BMP, PPM... become PNG).
+    The original bytes are kept unless `reencode` names a format, `max_size` shrinks the image, the
+    file's format is not one a shard holds (TIFF, GIF, BMP, PPM... become PNG) or its pixels have more
+    than 8 bits: a 16-bit PNG kept as it is would be clipped to 8 bits by every image loader (PIL's
+    convert("RGB") saturates at 255), so it is stretched here (`stretched` says so).
     """
     data, image = _open_image(Path(path))
     size = fit_size(image.size, max_size)
     kept = _EXT_OF_FORMAT.get(image.format or "")
-    if reencode is None and kept is not None and size == image.size:
+    high_bit = image.mode in _HIGH_BIT_MODES
+    if reencode is None and kept is not None and size == image.size and not high_bit:
         return EncodedImage(data, kept, size, image.size)
     fmt = reencode or kept or "png"
     try:
@@ -173,19 +227,19 @@ def encode_image(path: str | os.PathLike, reencode: str | None = None,
         converted.save(buf, format=_FORMAT_OF_EXT[fmt], **({"quality": 95} if fmt != "png" else {}))
     except Exception as e:  # noqa: BLE001 -- exotic modes or encoder limits: skip the file, not the run
         raise DataError(f"cannot re-encode as {fmt}: {e}") from None
-    return EncodedImage(buf.getvalue(), fmt, size, image.size)
+    return EncodedImage(buf.getvalue(), fmt, size, image.size, stretched=high_bit)
 
 
 def _mode_for(image: Image.Image, fmt: str) -> Image.Image:
     if image.mode in _HIGH_BIT_MODES:
-        image = _to_8bit(image)
+        image = to_8bit(image)
     if image.mode in _MODES_FOR[fmt]:
         return image
     has_alpha = "A" in image.mode or "transparency" in image.info
     return image.convert("RGBA" if has_alpha and fmt != "jpg" else "RGB")
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
+def to_8bit(image: Image.Image) -> Image.Image:
     # 16-bit and float images (SAR, some scanners) would clip when PIL converts them to 8 bits; stretch
     # the 1st..99th percentile instead, which also keeps a few bright outliers from darkening the rest.
     arr = np.asarray(image, dtype=np.float64)
@@ -193,6 +247,9 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 0.0)
     scaled = (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12) * 255
     return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8))
+
+
+_to_8bit = to_8bit  # the name tests and older callers use
 
 
 def _read_mask(path: Path) -> Image.Image:
@@ -336,6 +393,7 @@ def write_image_text_shards(image_dir: str | os.PathLike, captions_file: str | o
                 report.skipped.append((str(image_path), str(e)))
                 continue
             report.written += 1
+            report.stretched += image.stretched
             add_graph(meta, caption.strip())
             yield {"__key__": make_key(str(Path(rel.strip()).with_suffix("")), used),
                    image.ext: image.data, "txt": caption.strip().encode("utf-8"),
@@ -442,6 +500,7 @@ def write_coco_shards(annotations_json: str | os.PathLike, image_dir: str | os.P
             groups = [([t], [g] if graphs else None, f"{stem}_{n}") for n, (t, g) in
                       enumerate(zip(texts, graphs or [None] * len(texts)))] if pair_per_caption \
                 else [(texts, graphs, stem)]
+            report.stretched += image.stretched
             for group_texts, group_graphs, key in groups:
                 report.written += 1
                 meta: dict[str, Any] = {"captions": group_texts, "image_id": entry["id"]}
@@ -558,6 +617,7 @@ def _segmentation_sample(path: Path, masks: dict[str, list[Path]], mask_suffix: 
         if mask.size != image.size:
             mask = mask.resize(image.size, Image.Resampling.NEAREST)
         sample[f"{what}.png"] = png_bytes(mask)
+    report.stretched += image.stretched
     return sample
 
 

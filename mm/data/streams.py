@@ -36,11 +36,11 @@ def stream_from_config(data: Any, split: str, sample_map: Callable, *, seed: int
         spec = StreamSpec(urls=urls, sample_map=sample_map, collate=default_collate,
                           batch_size=data.batch_size, seed=seed, rank=rank, world_size=world_size,
                           num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, repeat=True,
-                          resampled=data.resampled, weights=list(data.train_weights))
+                          resampled=data.resampled, weights=list(data.train_weights), retries=data.retries)
     else:
         spec = StreamSpec(urls=urls, sample_map=sample_map, collate=default_collate,
                           batch_size=eval_batch_size or data.batch_size, seed=seed, num_workers=0,
-                          shuffle_buffer=0, repeat=False, drop_last=False)
+                          shuffle_buffer=0, repeat=False, drop_last=False, retries=data.retries)
     return Loader(spec, state=state, max_bad_fraction=data.max_bad_fraction)
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.cliargs import add_debug, command_prog
-from mm.errors import DataError, UserError, cli_main, write_text_atomic
+from mm.errors import DataError, UserError, check_output_file, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
 from mm.scenegraph.parse import caption_parser, describe_parser, parse_simple, resolve_parser
 
@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--synthetic-shapes")
     if args.min_pair_items < 1 or args.batch_size < 1:
         raise UserError("--min-pair-items and --batch-size must be >= 1")
+    if args.output:
+        check_output_file(args.output, "--output")
     parser = resolve_parser(args.parser, "--parser") if args.kee or args.synthetic_shapes else None
     parser_text = describe_parser(parser, args.parser) if parser else None
     from mm.evaluate.models import load_eval_model
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": results}
     text = json.dumps(record)
     if args.output:
-        write_text_atomic(args.output, text + "\n")
+        write_text_atomic(args.output, text + "\n", announce="--output")
     print(f"compositional {loaded.task} ({loaded.source})")
     if parser:
         parsed = [what for what, on in (("shapes samples without a json scene graph", args.synthetic_shapes),

@@ -29,6 +29,8 @@ LABEL_FIELDS = ("label",)
 
 def dataset_kind(data: str) -> str:
     """'folder' for a directory, 'list' for a .csv/.jsonl file, otherwise 'shards'."""
+    if not data.strip():
+        raise UserError("--data is empty: give shards, an image folder or a .csv/.jsonl list")
     if Path(data).is_dir():
         return "folder"
     if data.lower().endswith(LIST_SUFFIXES):

@@ -46,6 +46,8 @@ def merge_export(export: str | Path, out: str | Path, base_checkpoint: str | Non
     from mm.tasks import load_exported
 
     export, out = Path(export), Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'merged.safetensors'}")
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
     if out.resolve() == export.resolve():
@@ -66,6 +68,8 @@ def merge_export(export: str | Path, out: str | Path, base_checkpoint: str | Non
             "mm_merged_from": json.dumps({"export": str(export.resolve()), "lora_layers": layers,
                                           "base_checkpoint": cfg.model.checkpoint})}
     state = model.state_dict()
+    if out.exists():
+        print(f"--out: replacing {out}", file=sys.stderr)
     try:
         save_export(state, out, meta)
     except OSError as e:

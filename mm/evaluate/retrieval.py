@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--ks: {args.ks!r}: every k must be >= 1")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.output:
         check_output_file(args.output, "--output")
     loaded = load_eval_model(args)
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         record["bad_samples"] = bad
     text = json.dumps(record)
     if args.output:
-        write_text_atomic(args.output, text + "\n")
+        write_text_atomic(args.output, text + "\n", announce="--output")
     parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/"
                       f"{metrics[f'text_to_image_recall@{k}']:.3f}" for k in ks)
     print(f"retrieval {loaded.task} ({args.scoring}; image->text/text->image): {parts} on {n_images} images, "

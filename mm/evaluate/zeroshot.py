@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = dataset_kind(args.data)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     for option, path in (("--output", args.output), ("--confusion", args.confusion)):
         if path:
             check_output_file(path, option)
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         record["confusion_png"] = args.confusion
     text = json.dumps(record)
     if args.output:
-        write_text_atomic(args.output, text + "\n")
+        write_text_atomic(args.output, text + "\n", announce="--output")
     acc5 = f", acc5 {metrics['acc5']:.3f}" if "acc5" in metrics else ""
     skip = f", {skipped_count} unreadable skipped" if skipped_count else ""
     print(f"zero-shot {loaded.task} ({args.scoring}): acc1 {metrics['acc1']:.3f}{acc5}, mean per-class recall "
