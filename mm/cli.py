@@ -46,7 +46,8 @@ COMMANDS: dict[str, Command] = {
                                             "merged into SAM weights)", "mm-merge-lora"),
     "structure": Command("mm.tasks.structure_cli", "STRUCTURE preparation: cache features, select layers",
                          "mm-structure"),
-    "scenegraph": Command("mm.scenegraph.cli", "parse captions into scene graphs"),
+    "scenegraph": Command("mm.scenegraph.cli", "parse captions into scene graphs and show their hard negatives",
+                          "mm-scenegraph"),
 }
 
 
