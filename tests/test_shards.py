@@ -172,9 +172,11 @@ def test_cli_missing_input_dir_is_a_one_line_error(tmp_path):
 def test_cli_prints_summary_and_json(tmp_path, image_dir, capsys):
     captions = tmp_path / "c.csv"
     captions.write_text("filepath,caption\ncat.png,a cat\nbroken.jpg,x\n")
-    main(["folder", "--images", str(image_dir), "--captions", str(captions), "--out", str(tmp_path / "o")])
+    code = main(["folder", "--images", str(image_dir), "--captions", str(captions), "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    assert out.startswith(f"wrote 1 samples in 1 shards to {tmp_path / 'o'}; skipped 1:")
+    shard = tmp_path / "o" / "shard-000000.tar"
+    assert out.startswith(f"wrote 1 samples in 1 shards to {tmp_path / 'o'} ({shard}); skipped 1:")
+    assert code == 1  # some inputs skipped, as mm-segment
     assert "broken.jpg: cannot decode image" in out
 
     main(["folder", "--images", str(image_dir), "--captions", str(captions), "--out", str(tmp_path / "o"),
