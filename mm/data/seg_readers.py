@@ -242,14 +242,13 @@ def read_label(path: Path) -> np.ndarray:
 def read_geotags(path: Path) -> list[tuple[int, int, int, Any, bool]]:
     """The georeferencing tags of a (Geo)TIFF as tifffile `extratags` (code, dtype, count, value,
     writeonce): ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams,
-    GeoAsciiParams and GDAL_NODATA. Empty for other files."""
-    data = _read_bytes(path)
-    if not _is_tiff(data):
+    GeoAsciiParams and GDAL_NODATA. Empty for other files (only the tags are read, not the pixels)."""
+    if not _name_without_gz(path).lower().endswith((".tif", ".tiff")) or path.name.lower().endswith(".gz"):
         return []
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with tifffile.TiffFile(path) as tif:
             tags = tif.pages[0].tags
             out = []
             for code in GEO_TAGS:
@@ -259,11 +258,15 @@ def read_geotags(path: Path) -> list[tuple[int, int, int, Any, bool]]:
                 value = tag.value
                 if isinstance(value, np.ndarray):
                     value = value.tolist()
-                count = len(value) if isinstance(value, (tuple, list)) else \
-                    (len(value) + 1 if isinstance(value, str) else 1)
+                if isinstance(value, str):
+                    count = len(value.encode("ascii", "replace")) + 1
+                elif isinstance(value, (tuple, list)):
+                    count = len(value)
+                else:
+                    count = 1
                 out.append((code, int(tag.dtype), count, value, True))
             return out
-    except Exception:  # noqa: BLE001 -- no readable tags: nothing to copy
+    except Exception:  # noqa: BLE001 -- no readable tags: nothing to copy (reading the pixels reports why)
         return []
 
 

@@ -67,34 +67,33 @@ def overlay(rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None) 
 
 class OutputSet:
     """Files of one image, written to hidden temporary names and renamed into place together by
-    commit(), so an error or interrupt leaves no half-written file; discard() removes the temporaries."""
+    commit(), so an error or interrupt leaves no half-written file; discard() removes the temporaries.
+    Targets are names inside `folder` or paths."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.pending: list[tuple[Path, Path]] = []
 
-    def _temp(self, name: str) -> Path:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+    def _temp(self, target: str | Path) -> Path:
+        final = self.folder / target if isinstance(target, str) else Path(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
+        self.pending.append((Path(tmp), final))
         return Path(tmp)
 
-    def add_image(self, name: str, image: Image.Image, fmt: str) -> None:
-        tmp = self._temp(name)
-        self.pending.append((tmp, self.folder / name))
-        image.save(tmp, format=fmt)
+    def add_image(self, target: str | Path, image: Image.Image, fmt: str) -> None:
+        image.save(self._temp(target), format=fmt)
 
-    def add_tiff(self, name: str, array: np.ndarray, extratags: list[tuple[int, int, int, Any, bool]]) -> None:
+    def add_tiff(self, target: str | Path, array: np.ndarray,
+                 extratags: list[tuple[int, int, int, Any, bool]]) -> None:
         """A TIFF carrying `extratags` (a GeoTIFF input's georeferencing, read_geotags) unchanged."""
         import tifffile
 
-        tmp = self._temp(name)
-        self.pending.append((tmp, self.folder / name))
-        tifffile.imwrite(tmp, array, extratags=extratags, compression="zlib", photometric="minisblack")
+        tifffile.imwrite(self._temp(target), array, extratags=extratags, compression="zlib",
+                         photometric="minisblack")
 
-    def add_text(self, name: str, text: str) -> None:
-        tmp = self._temp(name)
-        self.pending.append((tmp, self.folder / name))
-        tmp.write_text(text)
+    def add_text(self, target: str | Path, text: str) -> None:
+        self._temp(target).write_text(text)
 
     def commit(self) -> list[Path]:
         for tmp, final in self.pending:

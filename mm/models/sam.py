@@ -391,7 +391,9 @@ def resize_like_sam(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     default interpolation is bilinear). torch's own antialiased bilinear differs from PIL on ~0.1% of
     pixels by one grey level, so PIL is called: SAM's weights were trained on its exact output."""
     h, w = size
-    arrays = images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if images.dtype != torch.uint8:
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
     out = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BILINEAR)) for a in arrays])
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device, torch.float32)
 
