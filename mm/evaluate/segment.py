@@ -112,6 +112,7 @@ class Segmenter:
         self.options = options
         self.weights = blend_weights(image_size, options.blend).to(self.device)
         self.tiles_run = 0
+        self.noted = False
         from mm.models.sam import PIXEL_MEAN, PIXEL_STD
 
         self.mean = torch.tensor(PIXEL_MEAN, device=self.device).view(1, 3, 1, 1)
@@ -170,6 +171,11 @@ class Segmenter:
             x, resized = prepare_image(image[None], size)
             return restore_logits(self._predict(x), resized, (height, width))[0, 0].cpu()
         if mode == "tile":
+            if self.options.mode == "auto" and not self.noted:
+                self.noted = True
+                print(f"note: the export records no training scale (shards without json, or an older export): "
+                      f"images larger than {size} px are tiled at native resolution; --mode resize feeds them "
+                      f"whole", file=sys.stderr)
             return self._tile(image).cpu()
         h, w = self.scaled_shape(height, width)
         scaled = image if (h, w) == (height, width) else resize_like_sam(image[None], (h, w))[0]
@@ -561,10 +567,6 @@ def main(argv: list[str] | None = None) -> int:
     options = InferenceOptions(args.mode, args.overlap, args.blend, args.batch_size, precision,
                                data.get("train_scale") if isinstance(data.get("train_scale"), (int, float)) else None)
     segmenter = Segmenter(model, cfg.model.image_size, options, device)
-    if args.mode == "auto" and options.train_scale is None:
-        print("note: the export records no training scale (shards without json, or an older export): --mode "
-              f"auto resizes images up to {cfg.model.image_size} px and tiles larger ones at native "
-              "resolution", file=sys.stderr)
     try:
         return _run(args, plans, segmenter, norm, rule, tables, single, kept, out, device, precision, cfg,
                     options)
