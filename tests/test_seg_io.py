@@ -229,8 +229,8 @@ def test_chase_db1_flat_folder(tmp_path, export, capsys):
         for suffix in (".jpg", "_1stHO.png", "_2ndHO.png"):
             shutil.copy(CHASE / f"{name}{suffix}", folder)
     labels = {p.name: digest(p) for p in folder.glob("*HO.png")}
-    code, out, err = run_main(capsys, "--checkpoint", str(export), "-i", str(folder), "-o", str(folder),
-                              "--masks", str(folder), "--mask-suffix", "_1stHO", "--no-overlay")
+    code, _, err = run_main(capsys, "--checkpoint", str(export), "-i", str(folder), "-o", str(folder),
+                            "--masks", str(folder), "--mask-suffix", "_1stHO", "--no-overlay")
     assert code == 0, err
     assert {p.name: digest(p) for p in folder.glob("*HO.png")} == labels
     record = json.loads((folder / "metrics.json").read_text())

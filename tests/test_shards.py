@@ -152,9 +152,9 @@ def test_segmentation_binarises_masks_and_skips_mismatches(tmp_path):
     assert decoded(samples["a"]["png"]).format == "PNG"
     assert mask_a.dtype == np.uint8 and set(np.unique(mask_a)) == {0, 255}
     assert (mask_a[:, 5:15] == 255).all() and not mask_a[:, :5].any() and not mask_a[:, 15:].any()
-    assert report.notes == ["masks: 5 read: 4 binary (foreground = non-zero); 1 with several non-zero values "
+    assert report.notes == [("masks: 5 read: 4 binary (foreground = non-zero); 1 with several non-zero values "
                             "(e.g. a_manual1.png): every non-zero label is foreground (anti-aliased "
-                            "drawings: --mask-threshold 127)"]
+                            "drawings: --mask-threshold 127)")]
     assert (np.asarray(decoded(samples["d"]["mask.png"]))[:3] == 255).all()
     assert set(np.unique(np.asarray(decoded(samples["d"]["fov.png"])))) == {255}
 

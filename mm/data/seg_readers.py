@@ -11,7 +11,8 @@ fov): paths, or boolean arrays where the dataset has no such file (derived field
               downloaded. Only the 20 labelled images are listed. No FOV masks: derived (see below).
   CHASE_DB1   root/Image_01L.jpg with root/Image_01L_1stHO.png (annotator 1) / _2ndHO.png (2), all in
               one folder. No FOV masks: derived (see below).
-  Kvasir-SEG  root/images/*.jpg + root/masks/*.jpg (same stem). JPEG masks are thresholded at > 127.
+  Kvasir-SEG  root/images/*.jpg + root/masks/*.jpg (same stem). JPEG masks are thresholded at > 127
+              (their compression noise is non-zero).
   SL-SSDD     root/images/* (grey SAR chips: 8-bit PNG/JPEG or 16-bit / float TIFF) + root/masks/*.png
               (same stem), 0 = land, 255 = sea. The foreground is the sea (foreground="land" inverts).
 
@@ -21,13 +22,17 @@ are split deterministically: the last `test_count` are "test", the rest "train",
 Defaults follow common practice: STARE 10 of 20, CHASE_DB1 8 of 28 (the last 4 subjects), Kvasir-SEG 120
 of 1000, SL-SSDD the last 20 %.
 
-Derived field of view (STARE, CHASE_DB1): the fundus is bright in the red channel and the background is
-near black, so FOV = red channel > fov_threshold (20 of 255), then the largest connected region with its
-holes filled (dark vessels or lesions inside the disc stay in). Pass derive_fov=False to write no FOV.
+Derived field of view (STARE, CHASE_DB1): the fundus is bright in the red channel and the background
+dark, so FOV = red channel above the brightest background (99th percentile of the four corners + 10,
+at least fov_threshold = 20; a fixed 20 let grey or flared STARE backgrounds join the disc), an
+opening that cuts thin bright bridges, the largest connected region, holes filled (dark vessels or
+lesions inside the disc stay in). A result covering under 5% or over 97% of the frame is refused for
+that image. Pass derive_fov_mask=False to write no FOV.
 
-write_dataset_shards writes the segmentation sample layout of mm/data/shards.py: key.png (image, 8-bit;
-16-bit and float images are stretched from their 1st to 99th percentile by the same code as mm-shards),
-key.mask.png and key.fov.png (0/255). Masks are binarised at > 127 (a 0/1 mask counts 1 as foreground).
+Reading (read_pixels, read_label) and normalisation (Normalisation) are shared with mm-segment; the
+shard writers store key.png (the normalised 8-bit image), key.mask.png and key.fov.png (0/255) and
+key.json (source name and size, dtype, channels, normalisation). Label foreground follows MaskRule:
+any non-zero value, > 127 for lossy (JPEG/WebP) masks, or a given threshold.
 """
 
 from __future__ import annotations
@@ -475,6 +480,10 @@ def derive_fov(image: Image.Image | np.ndarray, threshold: float = 20) -> np.nda
     corners = np.concatenate([red[:c, :c].ravel(), red[:c, -c:].ravel(), red[-c:, :c].ravel(),
                               red[-c:, -c:].ravel()])
     level = max(threshold, float(np.percentile(corners, 99)) + CORNER_MARGIN)
+    # A disc wide enough to reach the corners must not raise the level into the fundus itself.
+    h, w = red.shape
+    centre = float(np.median(red[h // 4:h - h // 4, w // 4:w - w // 4]))
+    level = max(threshold, min(level, 0.5 * centre))
     fov = red > level
     # An opening cuts thin bright bridges (reflections, text) between the disc and the frame's edge.
     radius = max(1, round(min(red.shape) / 100))

@@ -158,7 +158,6 @@ def expected_calibration_error(prob: np.ndarray, target: np.ndarray, inside: np.
         raise ValueError("prob must hold probabilities in [0, 1]")
     # Bin b holds (b/bins, (b+1)/bins]; p = 0 goes to the first bin.
     index = np.clip(np.ceil(p * bins).astype(int) - 1, 0, bins - 1)
-    count = np.bincount(index, minlength=bins)
     conf = np.bincount(index, weights=p, minlength=bins)
     acc = np.bincount(index, weights=t.astype(np.float64), minlength=bins)
     return float(np.abs(conf - acc).sum() / p.size)
