@@ -229,8 +229,9 @@ def test_chase_db1_flat_folder(tmp_path, export, capsys):
         for suffix in (".jpg", "_1stHO.png", "_2ndHO.png"):
             shutil.copy(CHASE / f"{name}{suffix}", folder)
     labels = {p.name: digest(p) for p in folder.glob("*HO.png")}
-    code, _, err = run_main(capsys, "--checkpoint", str(export), "-i", str(folder), "-o", str(folder),
-                            "--masks", str(folder), "--mask-suffix", "_1stHO", "--no-overlay")
+    # The second annotator's labels are images too unless the input names the photographs only.
+    code, _, err = run_main(capsys, "--checkpoint", str(export), "-i", str(folder / "*.jpg"), "-o", str(folder),
+                            "--masks", str(folder), "--mask-suffix", "_1stHO", "--no-overlay", "--mode", "resize")
     assert code == 0, err
     assert {p.name: digest(p) for p in folder.glob("*HO.png")} == labels
     record = json.loads((folder / "metrics.json").read_text())
@@ -401,12 +402,17 @@ def fundus_on(background: np.ndarray, size: int = 120) -> tuple[np.ndarray, np.n
 
 
 def test_derived_fov_does_not_spill_into_a_grey_background():
+    from scipy import ndimage
+
     rng = np.random.default_rng(0)
     size = 120
     background = np.zeros((size, size, 3), np.uint8)
-    background[..., 0] = rng.integers(15, 35, (size, size))  # a grey, noisy frame above the old level 20
-    background[50:70, :] = (60, 20, 10)  # a bright flare band reaching the frame's edges
+    background[..., 0] = rng.integers(15, 35, (size, size))  # a grey, noisy frame around the old level 20
+    background[59:61, :] = (60, 20, 10)  # a thin bright reflection from the disc to the frame's edges
     image, disc = fundus_on(background, size)
+    labels, _ = ndimage.label(image[..., 0] > 20)  # the old rule: red > 20, largest region
+    old = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+    assert old.sum() > 1.5 * disc.sum()  # it spilled into the frame
     fov = derive_fov(image)
     iou = (fov & disc).sum() / (fov | disc).sum()
     assert iou > 0.97
