@@ -419,3 +419,25 @@ def test_derived_fov_does_not_spill_into_a_grey_background():
     flat = np.full((size, size, 3), 90, np.uint8)
     with pytest.raises(DataError, match="covers"):
         derive_fov(flat)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory
+
+
+def test_tiling_a_large_image_keeps_memory_near_its_size():
+    """Peak RSS growth while tiling a 4000 x 4000 image (bench/seg_memory.py, a 1x1-conv stand-in
+    model): the pipeline keeps the uint8 image, one float32 sum and weight per pixel, the probability
+    map and the mask, about 13 bytes per pixel; a float copy of the image alone would add 12."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/seg_memory.py", "--side", "4000", "--tile", "512"], cwd=root,
+                          capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    per_pixel = float(re.search(r"= ([\d.]+) bytes per pixel", proc.stdout).group(1))
+    assert per_pixel < 20, proc.stdout
