@@ -21,8 +21,8 @@ logits are resized back. An export without that record (older exports, shards wi
 images that fit in S x S and tiles larger ones at native resolution. With a field-of-view mask,
 predictions outside it are set to background and the metrics count only pixels inside it.
 
-Safety: output paths are checked against every input image, mask and field-of-view file before any
-work (an --output inside the input folder never writes over ground truth); existing outputs are
+Safety: output paths are checked against every input image, the mask and field-of-view files the
+inputs pair with, and the checkpoint, before any work (an --output inside the input folder never writes over ground truth); existing outputs are
 replaced with a note (--skip-existing keeps them and segments only the other images).
 
 Exit codes: 0 every image done; 1 some images failed (each named on a `skipped:` line, the others
@@ -547,8 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = [p for p in paths if p not in taken] or paths
     out = Path(args.output)
     plans = plan(paths, out, args)
-    protected = [*paths, Path(args.checkpoint), *(q for table, _, _ in tables.values()
-                                                  for found in table.values() for q in found)]
+    # Every input, every mask and FOV file an input pairs with (by name, any extension) and the checkpoint.
+    protected = [*paths, Path(args.checkpoint), *(q for table, suffix, _ in tables.values() for p in paths
+                                                  for q in table.get(match_name(p, suffix, args.image_suffix), []))]
     metric_files = [out / "metrics.json", out / "metrics.csv"] if args.masks else []
     existing = check_outputs(plans, protected, metric_files)
     cfg, model, data = load_model(args.checkpoint, args.base_checkpoint)
