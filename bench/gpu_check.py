@@ -109,6 +109,7 @@ def worker(name: str, smoke: bool, data: Path, out: Path, result: Path) -> None:
     import torch
 
     from mm.engine.trainer import init_distributed, train
+    from mm.tasks import get_task
 
     task, cfg = load(name, overrides(name, smoke, data, out))
     shutil.rmtree(out / name, ignore_errors=True)  # measure a fresh run, never a resumed one

@@ -1,7 +1,9 @@
 """Typed run configs: YAML files loaded into dataclasses, with dotted `--set key=value` overrides.
 
 Loading is strict: an unknown or misspelt key, or a value of the wrong type, raises ConfigError naming
-the key and the file before any compute starts. Each task declares its own `model` section; the
+the key and the file before any compute starts. Relative input paths (shards, checkpoints, the
+DeepSpeed json) resolve against the config file's folder or a folder above it where they exist, else
+the current directory (resolve_relative_paths), so a config works from any directory. Each task declares its own `model` section; the
 `data`, `optim` and `train` sections are shared by every task.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import sys
 import types
 import typing
@@ -252,6 +255,44 @@ def _apply_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = _parse_value(text)
 
 
+# Input paths a config may give relative to itself (see resolve_relative_paths). Outputs (train.out_dir)
+# stay relative to the current directory.
+PATH_KEYS = ("data.train", "data.val", "train.deepspeed_config", "model.checkpoint", "eval.zeroshot_data",
+             "eval.classnames", "eval.templates")
+
+
+def _first_expansion(pattern: str) -> str:
+    """The first file a shard pattern names: a/{000..019}.tar -> a/000.tar, {x,y} -> x."""
+    pattern = re.sub(r"\{([^{}]*?)\.\.[^{}]*\}", r"\1", pattern)
+    return re.sub(r"\{([^{},]*),[^{}]*\}", r"\1", pattern)
+
+
+def _resolve_one(value: str, folders: list[Path]) -> str:
+    if not value or "://" in value or value.startswith(("pipe:", "/", "~")):
+        return value
+    probe = _first_expansion(value)
+    for folder in folders:
+        if (folder / probe).exists():
+            return str(folder / value)
+    return value
+
+
+def resolve_relative_paths(tree: dict, config_dir: Path) -> None:
+    """Make a config's relative input paths (PATH_KEYS) work from any current directory: each is
+    looked up in the config file's folder, then in every folder above it, and the first folder where
+    it exists is prepended (configs/topolora_sam/x.yaml naming data/drive/... finds the repository's
+    data/ two levels up); a path found nowhere is left as written, relative to the current directory.
+    Shard patterns are checked by their first shard; '::' separates sources, each resolved on its
+    own. Values given with --set are not touched (they are relative to the current directory)."""
+    folders = [config_dir, *config_dir.parents]
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get(name), str):
+            continue
+        node[name] = "::".join(_resolve_one(part, folders) for part in node[name].split("::"))
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
     """Load a YAML config into `cls`, applying dotted overrides (`optim.lr=3e-4`) on top.
 
@@ -273,6 +314,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections")
+    if path is not None:
+        resolve_relative_paths(tree, Path(path).resolve().parent)
     for note in migrate(cls, tree):
         print(f"note: {source}: {note}", file=sys.stderr)
     # Check the file on its own first so an error names the file, then the overrides.

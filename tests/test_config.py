@@ -75,3 +75,35 @@ def test_deepspeed_file_may_not_contradict_the_run_config(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 0}}')
     with pytest.raises(ConfigError, match="stage 0 cannot clip"):
         build_ds_config(str(ds), 8, 1, 1.0, "fp32", 1, on_gpu=False)
+
+
+def test_relative_paths_resolve_against_the_config_folder_from_anywhere(tmp_path, monkeypatch):
+    """A config's relative input paths are found from the config's folder or a folder above it (the
+    repository's configs name data/ and configs/ds/ from the repository root); paths that exist
+    nowhere stay as written (relative to the current directory), and --set values are not touched."""
+    from mm.tasks import get_task
+
+    project = tmp_path / "project"
+    (project / "configs" / "seg").mkdir(parents=True)
+    (project / "data").mkdir()
+    (project / "data" / "seg-000000.tar").write_bytes(b"")
+    (project / "configs" / "seg" / "ds.json").write_text("{}")
+    config = project / "configs" / "seg" / "run.yaml"
+    config.write_text("task: topolora_sam\n"
+                      "data: {train: 'data/seg-{000000..000003}.tar::data/missing-{0..1}.tar', val: /abs/x.tar}\n"
+                      "train: {deepspeed_config: ds.json, out_dir: runs/x}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cls = get_task("topolora_sam").config_class
+    cfg = load_config(config, cls=cls)
+    assert cfg.data.train == f"{project}/data/seg-{{000000..000003}}.tar::data/missing-{{0..1}}.tar"
+    assert cfg.data.val == "/abs/x.tar"
+    assert cfg.train.deepspeed_config == str(project / "configs" / "seg" / "ds.json")
+    assert cfg.train.out_dir == "runs/x"  # outputs stay relative to the current directory
+    cfg = load_config(config, ["train.deepspeed_config=ds.json"], cls=cls)
+    assert cfg.train.deepspeed_config == "ds.json"
+    # A path that exists in the current directory but not beside the config stays relative to it.
+    (elsewhere / "local.json").write_text("{}")
+    config.write_text("task: topolora_sam\ntrain: {deepspeed_config: local.json}\n")
+    assert load_config(config, cls=cls).train.deepspeed_config == "local.json"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -214,3 +215,17 @@ def test_wrong_variant_message_names_it(tmp_path):
     torch.save(state, path)
     with pytest.raises(UserError, match=r"sam_vit_l_like\.pth does not fit custom \(it holds a vit_l"):
         build_topolora_sam(SamModelConfig(**TINY, checkpoint=str(path)))
+
+
+@pytest.mark.parametrize("shape,size", [((584, 565), 1024), ((960, 999), 64), ((50, 70), 64), ((37, 300), 64)])
+def test_prepare_image_resizes_exactly_as_segment_anything(shape, size):
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from mm.models.sam import PIXEL_MEAN, PIXEL_STD
+
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    reference = ResizeLongestSide(size).apply_image(image)  # SAM's own preprocessing, uint8 HWC
+    x, (h, w) = prepare_image(torch.from_numpy(image).permute(2, 0, 1).float(), size)
+    assert (h, w) == reference.shape[:2]
+    restored = x[0, :, :h, :w] * torch.tensor(PIXEL_STD).view(3, 1, 1) + torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    assert torch.equal(restored.round().to(torch.uint8), torch.from_numpy(reference).permute(2, 0, 1))

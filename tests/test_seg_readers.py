@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def read_back(shards: list[str]) -> dict[str, dict[str, np.ndarray]]:
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
                 key, field = member.name.split(".", 1)
+                if field == "json":
+                    out.setdefault(key, {})[field] = json.loads(tar.extractfile(member).read())
+                    continue
                 image = Image.open(io.BytesIO(tar.extractfile(member).read()))
                 assert image.format == "PNG"
                 out.setdefault(key, {})[field] = np.asarray(image)
@@ -102,7 +106,8 @@ def test_drive(tmp_path):
     # The same through the command line: `mm-shards dataset`.
     from mm.data.cli import main
 
-    assert main(["dataset", "--name", "DRIVE", "--root", str(root), "--out", str(tmp_path / "cli")]) == 0
+    # 1 as mm-segment: one image was skipped (no label), the other written
+    assert main(["dataset", "--name", "DRIVE", "--root", str(root), "--out", str(tmp_path / "cli")]) == 1
     assert (tmp_path / "cli" / "drive-train-000000.tar").is_file()
     with pytest.raises(SystemExit) as exit_info:
         main(["dataset", "--name", "nope", "--root", str(root), "--out", str(tmp_path / "cli")])
@@ -132,7 +137,7 @@ def test_stare_ppm_and_gzip_with_derived_fov(tmp_path):
     assert np.array_equal(back["im0001"]["fov.png"], mask255(disc))
     vk = write_dataset_shards("stare", root, tmp_path / "vk", split="all", annotator="vk",
                               derive_fov_mask=False)
-    assert set(read_back(vk.shards)["im0001"]) == {"png", "mask.png"}
+    assert set(read_back(vk.shards)["im0001"]) == {"png", "mask.png", "json"}
     assert np.array_equal(read_back(vk.shards)["im0001"]["mask.png"], mask255(pattern(3)))
 
 

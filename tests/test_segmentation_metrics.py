@@ -141,3 +141,99 @@ def test_errors_name_the_shapes():
         segmentation_metrics(PRED * 0.4, TARGET)
     with pytest.raises(ValueError):
         pool_metrics([])
+
+
+# ---------------------------------------------------------------------------------------------------
+# hd95 conventions, physical units, boundary F-score, calibration
+
+
+def _boundary_points(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels by the definition in the docstring, found pixel by pixel (no scipy morphology)."""
+    padded = np.pad(mask, 1)
+    points = []
+    for r, c in zip(*np.nonzero(mask)):
+        if not (padded[r, c + 1] and padded[r + 2, c + 1] and padded[r + 1, c] and padded[r + 1, c + 2]):
+            points.append((r, c))
+    return np.array(points, dtype=np.float64)
+
+
+def _reference_directed(a: np.ndarray, b: np.ndarray, spacing=(1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.spatial.distance import cdist
+
+    pa, pb = _boundary_points(a) * spacing, _boundary_points(b) * spacing
+    d = cdist(pa, pb)
+    return d.min(axis=1), d.min(axis=0)
+
+
+def _random_blobs(rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(rng.random((size, size)), 3) > 0.5
+
+
+def test_hd95_follows_monai_and_can_follow_medpy():
+    """MONAI: max of the directed 95th percentiles; medpy: one percentile of both directions pooled.
+    Brute-force references on random shapes; the two definitions differ on most of them."""
+    rng = np.random.default_rng(0)
+    differ = 0
+    for _ in range(20):
+        a, b = _random_blobs(rng), _random_blobs(rng)
+        if not a.any() or not b.any():
+            continue
+        ab, ba = _reference_directed(a, b)
+        monai = max(np.percentile(ab, 95), np.percentile(ba, 95))
+        medpy = np.percentile(np.concatenate([ab, ba]), 95)
+        assert hd95(a, b) == pytest.approx(monai)
+        assert hd95(a, b, convention="medpy") == pytest.approx(medpy)
+        differ += not math.isclose(monai, medpy)
+    assert differ >= 10
+    with pytest.raises(ValueError, match="convention"):
+        hd95(a, b, convention="scipy")
+
+
+def test_hd95_in_physical_units():
+    rng = np.random.default_rng(1)
+    a, b = _random_blobs(rng), _random_blobs(rng)
+    spacing = (0.5, 2.0)  # rows 0.5 mm apart, columns 2 mm
+    ab, ba = _reference_directed(a, b, spacing)
+    assert hd95(a, b, spacing) == pytest.approx(max(np.percentile(ab, 95), np.percentile(ba, 95)))
+    assert segmentation_metrics(a, b, spacing=spacing)["hd95"] == pytest.approx(hd95(a, b, spacing))
+    line = np.zeros((12, 20), bool)
+    line[4, 3:17] = True
+    assert hd95(np.roll(line, 2, axis=0), line, spacing=(0.25, 1.0)) == pytest.approx(0.5)
+
+
+def test_boundary_f_score_with_one_pixel_tolerance():
+    from mm.metrics.segmentation import bf_score
+
+    square = np.zeros((20, 20), bool)
+    square[5:15, 4:14] = True
+    assert bf_score(square, square) == 1.0
+    assert bf_score(np.roll(square, 1, axis=1), square) == 1.0  # every boundary pixel within 1 px
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        a, b = _random_blobs(rng), _random_blobs(rng)
+        ab, ba = _reference_directed(a, b)
+        p, r = np.mean(ab <= 1), np.mean(ba <= 1)
+        assert bf_score(a, b) == pytest.approx(2 * p * r / (p + r))
+        assert segmentation_metrics(a, b)["bf_score"] == pytest.approx(bf_score(a, b))
+    empty = np.zeros_like(square)
+    assert bf_score(empty, empty) == 1.0 and bf_score(square, empty) == 0.0
+
+
+def test_expected_calibration_error_by_hand():
+    from mm.metrics.segmentation import expected_calibration_error
+
+    prob = np.array([[0.1, 0.1], [0.9, 0.9]])
+    target = np.array([[0, 1], [1, 1]], bool)
+    # Bin (0, 0.1]: mean p 0.1, foreground share 0.5, 2 pixels; bin (0.8, 0.9]: 0.9 vs 1.0, 2 pixels.
+    assert expected_calibration_error(prob, target) == pytest.approx((2 * 0.4 + 2 * 0.1) / 4)
+    inside = np.array([[True, False], [True, True]])
+    assert expected_calibration_error(prob, target, inside) == pytest.approx((0.1 + 2 * 0.1) / 3)
+    calibrated = np.full((10, 10), 0.3)
+    truth = np.zeros((10, 10), bool)
+    truth[:3] = True
+    assert expected_calibration_error(calibrated, truth) == pytest.approx(0.0)
+    m = segmentation_metrics(prob > 0.5, target, prob=prob)
+    assert m["ece"] == pytest.approx(0.25)
+    assert math.isnan(segmentation_metrics(prob > 0.5, target)["ece"])

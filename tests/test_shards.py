@@ -133,7 +133,7 @@ def test_segmentation_binarises_masks_and_skips_mismatches(tmp_path):
         save(images / f"{name}.jpg", size=(20, 10))
         save(fovs / f"{name}_fov.gif", size=(20, 10), colour=255, mode="L")
     grey = np.zeros((10, 20), np.uint8)
-    grey[:, 5:10], grey[:, 10:15] = 100, 200  # only the 200s are above the threshold
+    grey[:, 5:10], grey[:, 10:15] = 100, 200  # two labels: both are foreground
     masks.mkdir()
     Image.fromarray(grey).save(masks / "a_manual1.png")
     save(masks / "b_manual1.png", size=(10, 10), colour=255, mode="L")
@@ -145,13 +145,16 @@ def test_segmentation_binarises_masks_and_skips_mismatches(tmp_path):
                                        mask_suffix="_manual1", fov_suffix="_fov")
     reasons = dict(report.skipped)
     assert reasons == {str(images / "b.jpg"): "mask b_manual1.png is 10x10 but the image is 20x10",
-                       str(images / "c.jpg"): "no mask named c_manual1.*"}
+                       str(images / "c.jpg"): f"no mask named c_manual1.* in {masks}"}
     samples = read_shards(report.shards)
     assert set(samples) == {"a", "d"}
     mask_a = np.asarray(decoded(samples["a"]["mask.png"]))
     assert decoded(samples["a"]["png"]).format == "PNG"
     assert mask_a.dtype == np.uint8 and set(np.unique(mask_a)) == {0, 255}
-    assert (mask_a[:, 10:15] == 255).all() and not mask_a[:, :10].any()
+    assert (mask_a[:, 5:15] == 255).all() and not mask_a[:, :5].any() and not mask_a[:, 15:].any()
+    assert report.notes == [("masks: 5 read: 4 binary (foreground = non-zero); 1 with several non-zero values "
+                            "(e.g. a_manual1.png): every non-zero label is foreground (anti-aliased "
+                            "drawings: --mask-threshold 127)")]
     assert (np.asarray(decoded(samples["d"]["mask.png"]))[:3] == 255).all()
     assert set(np.unique(np.asarray(decoded(samples["d"]["fov.png"])))) == {255}
 
@@ -162,16 +165,18 @@ def test_cli_missing_input_dir_is_a_one_line_error(tmp_path):
          "--masks", str(tmp_path), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
-    expected = f"error: image directory {tmp_path / 'nope'} does not exist"
+    expected = f"error: image folder {tmp_path / 'nope'} does not exist"
     assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_cli_prints_summary_and_json(tmp_path, image_dir, capsys):
     captions = tmp_path / "c.csv"
     captions.write_text("filepath,caption\ncat.png,a cat\nbroken.jpg,x\n")
-    main(["folder", "--images", str(image_dir), "--captions", str(captions), "--out", str(tmp_path / "o")])
+    code = main(["folder", "--images", str(image_dir), "--captions", str(captions), "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    assert out.startswith(f"wrote 1 samples in 1 shards to {tmp_path / 'o'}; skipped 1:")
+    shard = tmp_path / "o" / "shard-000000.tar"
+    assert out.startswith(f"wrote 1 samples in 1 shards to {tmp_path / 'o'} ({shard}); skipped 1:")
+    assert code == 1  # some inputs skipped, as mm-segment
     assert "broken.jpg: cannot decode image" in out
 
     main(["folder", "--images", str(image_dir), "--captions", str(captions), "--out", str(tmp_path / "o"),

@@ -4,7 +4,8 @@
   mm-shards synthetic --world vessels --out data/vessels --num-samples 500
   mm-shards folder --images imgs/ --captions captions.csv --out data/pairs
   mm-shards coco --annotations captions_val2017.json --images val2017/ --out data/coco --scene-graphs auto
-  mm-shards seg --images DRIVE/training/images --masks DRIVE/training/1st_manual --out data/drive
+  mm-shards seg --images DRIVE/training/images --masks DRIVE/training/1st_manual --image-suffix _training \
+      --mask-suffix _manual1 --fov DRIVE/training/mask --fov-suffix _training_mask --out data/drive
   mm-shards dataset --name drive --root DRIVE/ --split train --out data/drive
 """
 
@@ -20,13 +21,13 @@ from mm.data.shards import (
     ShardReport,
     write_coco_shards,
     write_image_text_shards,
-    write_segmentation_shards,
 )
 from mm.data.synthetic import CLASSNAMES, write_shapes_world, write_vessels
 from mm.errors import UserError, cli_main
 from mm.scenegraph.parse import INSTALL_HINT, PARSERS
 
 _SHOWN_SKIPS = 10
+EXIT_SOME_SKIPPED = 1
 WORLDS = ("shapes", "vessels")
 
 _DESCRIPTION = """\
@@ -35,7 +36,10 @@ Write WebDataset shards named OUT/PREFIX-000000.tar, OUT/PREFIX-000001.tar, ...
 Image-text samples hold the image (jpg, png or webp), its caption (txt) and a json metadata object;
 segmentation samples hold the image (png), its binary mask (mask.png, 0/255) and optionally a
 field-of-view mask (fov.png). Unreadable images, missing files and mismatched masks are skipped and
-listed in the summary; they never stop the run."""
+listed in the summary; they never stop the run.
+
+Exit codes (as mm-segment): 0 every input written; 1 some inputs skipped (listed), the rest written;
+2 nothing written (bad argument, no usable input), with one `error:` line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,39 +95,86 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "seg", help="binary segmentation: image folder + mask folder (+ field-of-view folder)",
-        description="Pairs each image with the mask whose file name stem is the image's stem plus "
-                    "--mask-suffix (any image extension). Images are stored as PNG (16-bit and float "
-                    "images stretched to 8 bits), masks binarised at > 127 to 0/255 (0/1 masks: 1 is "
-                    "foreground). Images without a mask and masks of another size are skipped.")
+        description="Pairs each image <stem><image-suffix>.* with the mask <stem><mask-suffix>.* (any "
+                    "image extension). Images are read and normalised exactly as mm-segment reads them "
+                    "(16-bit, float and multi-channel TIFF; --stretch/--percentiles/--db/--channels) and "
+                    "stored as 8-bit PNG; each sample's json records the normalisation, which training "
+                    "writes into its export for mm-segment. Masks: any non-zero label is foreground (> 127 "
+                    "for JPEG masks; --mask-threshold), stored as 0/255. Images without a mask and masks "
+                    "of another size are skipped and listed (exit code 1).")
     p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--masks", required=True, help="folder of masks")
+    p.add_argument("--masks", required=True, help="folder of masks (may be the image folder)")
     p.add_argument("--mask-suffix", default="",
                    help="text after the image stem in mask names, e.g. '_1stHO' for Image_01L_1stHO.png")
+    p.add_argument("--image-suffix", default="",
+                   help="text at the end of image stems that the mask and FOV suffixes replace, e.g. "
+                        "'_training' (DRIVE: 21_training.tif -> 21_manual1.gif) or '_fram' (CVC-612: "
+                        "1_fram.png -> 1_mask.png); only images whose stem ends with it are read")
     p.add_argument("--fov", help="folder of field-of-view masks (optional)")
     p.add_argument("--fov-suffix", default="", help="text after the image stem in field-of-view mask names")
     p.add_argument("--max-size", type=int, help="shrink images (and masks) so the longest side is at most "
                                                 "this many pixels; default: keep the size")
-    _add_output_options(p, prefix="seg", shard_size=1000, images=False)
+    _add_seg_options(p)
+    _add_output_options(p, prefix="seg", shard_size=None, images=False)
 
     p = commands.add_parser(
         "dataset", help="a segmentation dataset in its distributed layout (DRIVE, STARE, CHASE_DB1, "
                         "Kvasir-SEG, SL-SSDD)",
         description="Reads the dataset's own folder layout (see mm/data/seg_readers.py), derives "
-                    "field-of-view masks where the dataset has none, and writes segmentation shards.")
+                    "field-of-view masks where the dataset has none, and writes segmentation shards "
+                    "as `mm-shards seg` does.")
     p.add_argument("--name", required=True, help="drive, stare, chase_db1, kvasir_seg or sl_ssdd")
     p.add_argument("--root", required=True, help="the dataset's top folder as downloaded")
     p.add_argument("--split", default="train", choices=("train", "test", "all"))
     p.add_argument("--max-size", type=int, help="shrink images (and masks) so the longest side is at most "
                                                 "this many pixels; default: keep the size")
-    _add_output_options(p, prefix="", shard_size=1000, images=False)
+    p.add_argument("--no-derive-fov", action="store_true",
+                   help="STARE, CHASE_DB1: write no field-of-view mask instead of deriving one")
+    _add_seg_options(p)
+    _add_output_options(p, prefix="", shard_size=None, images=False)
     return parser
 
 
-def _add_output_options(p: argparse.ArgumentParser, prefix: str, shard_size: int, images: bool,
+def _add_seg_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask-threshold", default="auto",
+                   help="foreground of a label: 'nonzero' (any non-zero value in any channel), a number T "
+                        "(value > T, e.g. 127 for anti-aliased drawings) or auto (default: nonzero, > 127 "
+                        "for lossy JPEG/WebP masks)")
+    p.add_argument("--stretch", choices=("auto", "always"), default="auto",
+                   help="percentile stretch of 16-bit/float images (auto) or of every image (always, e.g. "
+                        "8-bit SAR); the same option as mm-segment's")
+    p.add_argument("--percentiles", type=float, nargs=2, default=(1.0, 99.0), metavar=("LO", "HI"),
+                   help="stretch limits (default 1 99)")
+    p.add_argument("--db", action="store_true", help="SAR: intensities to dB (10 log10) before the stretch")
+    p.add_argument("--channels", type=_channel_list, help="stored channels to use as R,G,B, e.g. 0,1,0")
+
+
+def _channel_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected channel numbers like 0,1,0, got {text!r}") from None
+
+
+def _shard_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def _add_output_options(p: argparse.ArgumentParser, prefix: str, shard_size: int | None, images: bool,
                         default_prefix: str = "<dataset>-<split>") -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--shard-size", type=int, default=shard_size,
-                   help=f"samples per shard (default {shard_size})")
+    if shard_size is None:
+        p.add_argument("--shard-size", type=_shard_size, default=None,
+                       help="samples per shard; default auto: one shard per image up to 64 images, then 64 "
+                            "shards (every rank x loader worker needs shards of its own)")
+    else:
+        p.add_argument("--shard-size", type=int, default=shard_size,
+                       help=f"samples per shard (default {shard_size})")
     p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix or default_prefix})")
     if images:
         p.add_argument("--reencode", choices=ENCODINGS,
@@ -172,20 +223,24 @@ def _run(args: argparse.Namespace) -> ShardReport:
         return write_coco_shards(args.annotations, args.images, args.out, reencode=args.reencode,
                                  max_size=args.max_size, scene_graphs=args.scene_graphs,
                                  pair_per_caption=args.pair_per_caption, **common)
-    if args.command == "dataset":
-        from mm.data.seg_readers import write_dataset_shards
+    from mm.data.seg_readers import MaskRule, Normalisation, write_dataset_shards, write_folder_shards
 
+    seg = {"normalisation": Normalisation(args.stretch, tuple(args.percentiles), args.db,
+                                          tuple(args.channels) if args.channels else None),
+           "mask_rule": MaskRule(args.mask_threshold), "max_size": args.max_size}
+    if args.command == "dataset":
         common["prefix"] = args.prefix or None  # default: <dataset>-<split>
-        return write_dataset_shards(args.name, args.root, args.out, split=args.split, max_size=args.max_size,
-                                    **common)
-    return write_segmentation_shards(args.images, args.masks, args.out, max_size=args.max_size,
-                                     fov_dir=args.fov, mask_suffix=args.mask_suffix,
-                                     fov_suffix=args.fov_suffix, **common)
+        options = {"derive_fov_mask": False} if args.no_derive_fov else {}
+        return write_dataset_shards(args.name, args.root, args.out, split=args.split, **seg, **common, **options)
+    return write_folder_shards(args.images, args.masks, args.out, fov_dir=args.fov, mask_suffix=args.mask_suffix,
+                               fov_suffix=args.fov_suffix, image_suffix=args.image_suffix, **seg, **common)
 
 
 def format_summary(report: ShardReport, out_dir: str) -> str:
     """The human-readable summary: counts, then up to ten skipped inputs with their reasons."""
     lines = [f"wrote {report.written} samples in {len(report.shards)} shards to {out_dir}"]
+    if report.shards:
+        lines[0] += f" ({shard_pattern(report.shards)})"
     if report.scene_graphs is not None:
         lines[0] += f" ({report.scene_graphs} with a scene graph, {report.scene_graph_parser} parser)"
         if report.no_negative:
@@ -199,7 +254,16 @@ def format_summary(report: ShardReport, out_dir: str) -> str:
     if report.stretched:
         lines.append(f"{report.stretched} image(s) had 16-bit or float pixels: stored as 8 bits, each stretched "
                      "from its 1st to its 99th percentile")
+    lines += report.notes
     return "\n".join(lines)
+
+
+def shard_pattern(shards: list[str]) -> str:
+    """The brace pattern a config's data.train takes for these shards: out/x-{000000..000019}.tar."""
+    if len(shards) == 1:
+        return shards[0]
+    first, last = shards[0], shards[-1]
+    return f"{first[:-10]}{{{first[-10:-4]}..{last[-10:-4]}}}.tar"
 
 
 @cli_main
@@ -214,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"command": args.command, "out": args.out, **result}))
     else:
         print(summary)
-    return 0
+    # As mm-segment: 1 when some inputs were skipped (named above) and the rest written.
+    return EXIT_SOME_SKIPPED if report.skipped else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ fov): paths, or boolean arrays where the dataset has no such file (derived field
               downloaded. Only the 20 labelled images are listed. No FOV masks: derived (see below).
   CHASE_DB1   root/Image_01L.jpg with root/Image_01L_1stHO.png (annotator 1) / _2ndHO.png (2), all in
               one folder. No FOV masks: derived (see below).
-  Kvasir-SEG  root/images/*.jpg + root/masks/*.jpg (same stem). JPEG masks are thresholded at > 127.
+  Kvasir-SEG  root/images/*.jpg + root/masks/*.jpg (same stem). JPEG masks are thresholded at > 127
+              (their compression noise is non-zero).
   SL-SSDD     root/images/* (grey SAR chips: 8-bit PNG/JPEG or 16-bit / float TIFF) + root/masks/*.png
               (same stem), 0 = land, 255 = sea. The foreground is the sea (foreground="land" inverts).
 
@@ -21,35 +22,40 @@ are split deterministically: the last `test_count` are "test", the rest "train",
 Defaults follow common practice: STARE 10 of 20, CHASE_DB1 8 of 28 (the last 4 subjects), Kvasir-SEG 120
 of 1000, SL-SSDD the last 20 %.
 
-Derived field of view (STARE, CHASE_DB1): the fundus is bright in the red channel and the background is
-near black, so FOV = red channel > fov_threshold (20 of 255), then the largest connected region with its
-holes filled (dark vessels or lesions inside the disc stay in). Pass derive_fov=False to write no FOV.
+Derived field of view (STARE, CHASE_DB1): the fundus is bright in the red channel and the background
+dark, so FOV = red channel above the brightest background (99th percentile of the four corners + 10,
+at least fov_threshold = 20; a fixed 20 let grey or flared STARE backgrounds join the disc), an
+opening that cuts thin bright bridges, the largest connected region, holes filled (dark vessels or
+lesions inside the disc stay in). A result covering under 5% or over 97% of the frame is refused for
+that image. Pass derive_fov_mask=False to write no FOV.
 
-write_dataset_shards writes the segmentation sample layout of mm/data/shards.py: key.png (image, 8-bit;
-16-bit and float images are stretched from their 1st to 99th percentile by the same code as mm-shards),
-key.mask.png and key.fov.png (0/255). Masks are binarised at > 127 (a 0/1 mask counts 1 as foreground).
+Reading (read_pixels, read_label) and normalisation (Normalisation) are shared with mm-segment; the
+shard writers store key.png (the normalised 8-bit image), key.mask.png and key.fov.png (0/255) and
+key.json (source name and size, dtype, channels, normalisation). Label foreground follows MaskRule:
+any non-zero value, > 127 for lossy (JPEG/WebP) masks, or a given threshold.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from mm.data.shards import (
-    _HIGH_BIT_MODES,
     IMAGE_SUFFIXES,
     ShardReport,
     _finish,
-    _mode_for,
     fit_size,
     make_key,
     png_bytes,
@@ -58,6 +64,17 @@ from mm.data.shards import (
 from mm.errors import DataError, UserError
 
 Field = Path | np.ndarray
+
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# A side shorter than this holds almost no structure to segment (a 1x1 "image" is a mistake, e.g. a
+# thumbnail or an empty export): refused with a reason rather than upsampled into a confident mask.
+MIN_SIDE = 8
+# GeoTIFF georeferencing: ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory,
+# GeoDoubleParams, GeoAsciiParams, GDAL_NODATA.
+GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737, 42113)
+# A derived field of view outside this share of the frame is not a fundus disc.
+FOV_SHARE = (0.05, 0.97)
+CORNER_MARGIN = 10  # red levels above the brightest corner pixel that count as inside the disc
 
 
 class SegSample(NamedTuple):
@@ -73,10 +90,13 @@ Skipped = list[tuple[str, str]]
 # Files
 
 
+def _name_without_gz(path: Path) -> str:
+    return path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+
+
 def _stem(path: Path) -> str:
     """The name without its image suffix, and without .gz first (STARE's im0001.ah.ppm.gz -> im0001.ah)."""
-    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
-    return Path(name).stem
+    return Path(_name_without_gz(path)).stem
 
 
 def _is_image(path: Path) -> bool:
@@ -107,8 +127,7 @@ def _root(root: str | os.PathLike) -> Path:
     return p
 
 
-def load_image(path: Path) -> Image.Image:
-    """A fully decoded PIL image (gzipped files too); DataError(reason) if missing or corrupt."""
+def _read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()
         if path.name.lower().endswith(".gz"):
@@ -116,37 +135,371 @@ def load_image(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError("missing file") from None
     except (OSError, EOFError) as e:
-        raise DataError(f"cannot read file: {e}") from None
+        raise DataError(f"cannot read file: {getattr(e, 'strerror', None) or e}") from None
+    return data
+
+
+def _decode_reason(e: Exception) -> str:
+    """PIL's own message without the in-memory file object it names (`<_io.BytesIO object at 0x...>`)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file in a format this reader knows (PNG, JPEG, TIFF, GIF, BMP, PPM, WebP)"
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e).splitlines()[0] if str(e) else "")
+    return text or type(e).__name__
+
+
+def load_image(path: Path) -> Image.Image:
+    """A fully decoded PIL image (gzipped files too); DataError(reason) if missing or corrupt."""
+    data = _read_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as e:  # noqa: BLE001 -- PIL raises many exception types for corrupt files
-        raise DataError(f"cannot decode image: {e}") from None
+        raise DataError(f"cannot decode image: {_decode_reason(e)}") from None
     return image
 
 
-def binary_mask(image: Image.Image) -> np.ndarray:
-    """Foreground of a label image: > 127 (JPEG masks, 0/255 GIF/PNG/PPM), or == 1 for a 0/1 label map."""
-    values = np.asarray(image, dtype=np.float64) if image.mode in ("I", "I;16", "I;16B", "I;16L", "F") \
-        else np.asarray(image.convert("L"))
-    return values == 1 if values.max(initial=0) == 1 else values > 127
+def _is_tiff(data: bytes) -> bool:
+    return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _tiff_pixels(data: bytes) -> np.ndarray | None:
+    """(H, W, C) array of a TIFF in its own dtype, or None for a palette TIFF (PIL applies the palette).
+
+    tifffile reads what PIL gets wrong (several 16-bit samples, float, LZW/Deflate/ZSTD through
+    imagecodecs); a TIFF it cannot decode is refused with its reason rather than handed to PIL, which
+    reads such files with the wrong shape or depth without complaint.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if tif.pages[0].photometric == tifffile.PHOTOMETRIC.PALETTE:
+                return None
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes
+    except Exception as e:  # noqa: BLE001 -- tifffile raises many types for files it cannot parse
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "imagecodecs" in reason:
+            reason += " (pip install imagecodecs)"
+        raise DataError(f"cannot decode TIFF: {reason}") from None
+    # Keep Y and X; any other axis of length > 1 (samples S, channels C, pages Q/I) holds the channels.
+    keep = [i for i, a in enumerate(axes) if a in "YX" or arr.shape[i] > 1]
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if axes == "YX":
+        return arr[..., None]
+    if len(axes) != 3 or "Y" not in axes or "X" not in axes:
+        raise DataError(f"unsupported TIFF layout (axes {series.axes}, shape {series.shape})")
+    return np.moveaxis(arr, [axes.index("Y"), axes.index("X")], [0, 1])
+
+
+def _check_size(arr: np.ndarray) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise DataError(f"image is {w}x{h} pixels; segmentation needs at least {MIN_SIDE}x{MIN_SIDE}")
+    return arr
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """(H, W, C) pixel values as stored: uint8 RGB for 8-bit files, the file's own dtype and channels
+    for 16-bit, float and multi-channel ones (TIFFs through tifffile). DataError(reason) for a missing,
+    undecodable or too small (< MIN_SIDE) file."""
+    data = _read_bytes(path)
+    if _is_tiff(data):
+        arr = _tiff_pixels(data)
+        if arr is not None:
+            return _check_size(arr)
+    image = load_image_bytes(data)
+    if image.mode in HIGH_BIT_MODES:
+        return _check_size(np.asarray(image)[..., None])
+    return _check_size(np.asarray(image.convert("RGB")))
+
+
+def load_image_bytes(data: bytes) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:  # noqa: BLE001 -- PIL raises many exception types for corrupt files
+        raise DataError(f"cannot decode image: {_decode_reason(e)}") from None
+    return image
+
+
+def read_label(path: Path) -> np.ndarray:
+    """(H, W) or (H, W, C) values of a label image as stored: palettes applied (a GIF's index 0 need
+    not be black), alpha dropped, 16-bit and float kept."""
+    data = _read_bytes(path)
+    if _is_tiff(data):
+        arr = _tiff_pixels(data)
+        if arr is not None:
+            return arr[..., 0] if arr.shape[-1] == 1 else arr
+    image = load_image_bytes(data)
+    if image.mode in HIGH_BIT_MODES:
+        return np.asarray(image)
+    if image.mode in ("1", "L", "LA", "I;16"):
+        return np.asarray(image.convert("L"))
+    return np.asarray(image.convert("RGB"))
+
+
+def read_geotags(path: Path) -> list[tuple[int, int, int, Any, bool]]:
+    """The georeferencing tags of a (Geo)TIFF as tifffile `extratags` (code, dtype, count, value,
+    writeonce): ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams,
+    GeoAsciiParams and GDAL_NODATA. Empty for other files (only the tags are read, not the pixels)."""
+    if not _name_without_gz(path).lower().endswith((".tif", ".tiff")) or path.name.lower().endswith(".gz"):
+        return []
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            out = []
+            for code in GEO_TAGS:
+                tag = tags.get(code)
+                if tag is None:
+                    continue
+                value = tag.value
+                if isinstance(value, np.ndarray):
+                    value = value.tolist()
+                if isinstance(value, str):
+                    count = len(value.encode("ascii", "replace")) + 1
+                elif isinstance(value, (tuple, list)):
+                    count = len(value)
+                else:
+                    count = 1
+                out.append((code, int(tag.dtype), count, value, True))
+            return out
+    except Exception:  # noqa: BLE001 -- no readable tags: nothing to copy (reading the pixels reports why)
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks: which labelled pixels are foreground
+
+
+MASK_RULES = ("auto", "nonzero")
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class MaskRule:
+    """Foreground of a label image. 'nonzero' (default for lossless files): any non-zero value in any
+    colour channel, so 0/1 maps, 0/255 masks, colour labels and instance ids all keep every labelled
+    pixel. A number T: value > T in any channel (127 for anti-aliased drawings). 'auto' is 'nonzero'
+    except for lossy files (JPEG, WebP), where compression noise around the edges makes most of the
+    background non-zero: there the rule is > 127. `seen` counts what was found, for `describe()`."""
+
+    rule: str = "auto"
+    seen: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rule not in MASK_RULES:
+            try:
+                float(self.rule)
+            except ValueError:
+                raise UserError(f"mask threshold must be auto, nonzero or a number, got {self.rule!r}") from None
+
+    def threshold_for(self, path: Path | None) -> float | None:
+        """None for 'non-zero', else the value foreground must exceed."""
+        if self.rule == "nonzero":
+            return None
+        if self.rule == "auto":
+            lossy = path is not None and _name_without_gz(path).lower().endswith(LOSSY_SUFFIXES)
+            return 127.0 if lossy else None
+        return float(self.rule)
+
+    def apply(self, values: np.ndarray, path: Path | None = None) -> np.ndarray:
+        values = np.asarray(values)
+        threshold = self.threshold_for(path)
+        fg = values != 0 if threshold is None else values > threshold
+        if fg.ndim == 3:
+            fg = fg.any(axis=-1)
+        kind = self._kind(values, threshold)
+        self.seen[kind] += 1
+        if path is not None:
+            self.examples.setdefault(kind, path.name)
+        return fg
+
+    @staticmethod
+    def _kind(values: np.ndarray, threshold: float | None) -> str:
+        if threshold is not None:
+            return f"> {threshold:g}"
+        if values.ndim == 3 and not (values == values[..., :1]).all():
+            return "colour"
+        distinct = np.unique(values)
+        if set(distinct.tolist()) <= {0, 255} or set(distinct.tolist()) <= {0, 1}:
+            return "binary"
+        return "multi-valued"
+
+    def describe(self) -> str:
+        """One line on what was done, e.g. for a run's summary."""
+        n = sum(self.seen.values())
+        if not n:
+            return ""
+        parts = []
+        for kind, count in sorted(self.seen.items()):
+            example = f" (e.g. {self.examples[kind]})" if kind in self.examples else ""
+            if kind == "binary":
+                parts.append(f"{count} binary (foreground = non-zero)")
+            elif kind == "colour":
+                parts.append(f"{count} colour{example}: foreground = non-zero in any channel")
+            elif kind == "multi-valued":
+                parts.append(f"{count} with several non-zero values{example}: every non-zero label is "
+                             f"foreground (anti-aliased drawings: --mask-threshold 127)")
+            else:
+                parts.append(f"{count}{example}: foreground = value {kind}"
+                             + (" (lossy format)" if self.rule == "auto" else ""))
+        return f"masks: {n} read: " + "; ".join(parts)
+
+
+def binary_mask(image: Image.Image | np.ndarray, rule: MaskRule | None = None,
+                path: Path | None = None) -> np.ndarray:
+    """Foreground of a label image under `rule` (default: any non-zero value, see MaskRule)."""
+    if isinstance(image, Image.Image):
+        if image.mode in HIGH_BIT_MODES:
+            values = np.asarray(image)
+        elif image.mode in ("1", "L", "LA"):
+            values = np.asarray(image.convert("L"))
+        else:
+            values = np.asarray(image.convert("RGB"))
+    else:
+        values = image
+    return (rule or MaskRule()).apply(values, path)
+
+
+def read_mask(path: Path, rule: MaskRule | None = None) -> np.ndarray:
+    """Boolean (H, W) foreground of a label file under `rule` (see MaskRule)."""
+    return (rule or MaskRule()).apply(read_label(path), path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Intensity: what the model sees
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """How stored pixels become the model's 8-bit RGB: the same for mm-shards (training data) and
+    mm-segment (inference), recorded in each shard sample's json and in the export.
+
+    stretch 'auto': 16-bit, 32-bit and float images are stretched per channel from their `lo`th to
+    their `hi`th percentile to 0..255; 8-bit images are used as they are. 'always': 8-bit images too
+    (8-bit SAR). db: 10 log10 first (SAR intensities; non-positive values set to the smallest positive
+    one). channels: which stored channels become R, G, B (default: grey repeated; two channels become
+    (c0, c1, mean); three as they are; more: the first three).
+    """
+
+    stretch: str = "auto"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    db: bool = False
+    channels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stretch not in ("auto", "always"):
+            raise UserError(f"stretch must be auto or always, got {self.stretch!r}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise UserError(f"percentiles must satisfy 0 <= LO < HI <= 100, got {lo} {hi}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stretch": self.stretch, "percentiles": list(self.percentiles), "db": self.db,
+                "channels": list(self.channels) if self.channels else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalisation:
+        return cls(d.get("stretch", "auto"), tuple(d.get("percentiles", (1.0, 99.0))), bool(d.get("db", False)),
+                   tuple(d["channels"]) if d.get("channels") else None)
+
+    def describe(self) -> str:
+        lo, hi = self.percentiles
+        text = f"stretch {self.stretch} ({lo:g}..{hi:g} percentiles)"
+        if self.db:
+            text += ", dB"
+        if self.channels:
+            text += f", channels {','.join(map(str, self.channels))}"
+        return text
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        return to_rgb8(pixels, self.stretch, self.percentiles, self.db, self.channels)
+
+
+def percentile_stretch(channel: np.ndarray, lo: float = 1.0, hi: float = 99.0, db: bool = False) -> np.ndarray:
+    """One channel stretched from its lo..hi percentile to 0..255, rounded to uint8. Non-finite values
+    (NaN no-data) go to the stretch limits."""
+    arr = np.asarray(channel, dtype=np.float64)
+    if db:
+        positive = arr[np.isfinite(arr) & (arr > 0)]
+        if not positive.size:
+            raise DataError("no positive values to convert to dB")
+        arr = 10 * np.log10(np.where(np.isfinite(arr) & (arr <= 0), positive.min(), arr))
+    finite = arr[np.isfinite(arr)]
+    low, high = np.percentile(finite, [lo, hi]) if finite.size else (0.0, 0.0)
+    scaled = (np.nan_to_num(arr, nan=low, posinf=high, neginf=low) - low) / max(high - low, 1e-12) * 255
+    return np.clip(scaled, 0, 255).round().astype(np.uint8)
+
+
+def to_rgb8(pixels: np.ndarray, stretch: str = "auto", percentiles: tuple[float, float] = (1.0, 99.0),
+            db: bool = False, channels: Sequence[int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 model input of read_pixels' values (see Normalisation)."""
+    arr = pixels if pixels.ndim == 3 else pixels[..., None]
+    n = arr.shape[-1]
+    if channels:
+        bad = [c for c in channels if not 0 <= c < n]
+        if bad:
+            raise DataError(f"has {n} channel(s), --channels asks for {bad}")
+        arr = arr[..., list(channels)]
+    elif n >= 4:
+        arr = arr[..., :3]  # RGBA: drop the alpha; more channels: the first three
+    if stretch == "always" or db or arr.dtype != np.uint8:
+        arr = np.stack([percentile_stretch(arr[..., c], *percentiles, db=db) for c in range(arr.shape[-1])], -1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] == 2:
+        mean = ((arr[..., 0].astype(np.uint16) + arr[..., 1]) / 2).round().astype(np.uint8)
+        arr = np.concatenate([arr, mean[..., None]], axis=-1)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Derived field of view
 
 
 def derive_fov(image: Image.Image | np.ndarray, threshold: float = 20) -> np.ndarray:
-    """Field of view of a fundus photograph: red channel > threshold, largest connected region, holes
-    filled (see the module docstring)."""
+    """Field of view of a fundus photograph (see the module docstring). DataError when no plausible
+    disc is found (nearly empty or nearly the whole frame): such a mask would silently change what the
+    metrics count."""
     from scipy import ndimage
 
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    red = arr[..., 0] if arr.ndim == 3 else arr
-    fov = red > threshold
+    red = (arr[..., 0] if arr.ndim == 3 else arr).astype(np.float64)
+    # A fixed threshold lets a grey or flared background join the disc (STARE): the level is raised
+    # above the brightest background, measured in the four corners, which a fundus disc never reaches.
+    c = max(2, min(red.shape) // 20)
+    corners = np.concatenate([red[:c, :c].ravel(), red[:c, -c:].ravel(), red[-c:, :c].ravel(),
+                              red[-c:, -c:].ravel()])
+    level = max(threshold, float(np.percentile(corners, 99)) + CORNER_MARGIN)
+    # A disc wide enough to reach the corners must not raise the level into the fundus itself.
+    h, w = red.shape
+    centre = float(np.median(red[h // 4:h - h // 4, w // 4:w - w // 4]))
+    level = max(threshold, min(level, 0.5 * centre))
+    fov = red > level
+    # An opening cuts thin bright bridges (reflections, text) between the disc and the frame's edge.
+    radius = max(1, round(min(red.shape) / 100))
+    disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
+    opened = ndimage.binary_opening(fov, structure=disk)
+    fov = opened if opened.any() else fov
     labels, count = ndimage.label(fov)
     if count > 1:
         sizes = ndimage.sum_labels(fov, labels, index=np.arange(1, count + 1))
         fov = labels == 1 + int(np.argmax(sizes))
-    return ndimage.binary_fill_holes(fov)
+    fov = ndimage.binary_fill_holes(fov)
+    share = fov.mean()
+    if not FOV_SHARE[0] <= share <= FOV_SHARE[1]:
+        raise DataError(f"derived field of view covers {share:.0%} of the frame, not a fundus disc; give "
+                        "field-of-view masks or turn the derivation off")
+    return fov
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,7 +632,7 @@ def read_sl_ssdd(root: str | os.PathLike, split: str = "all", test_count: int | 
         out = []
         for s in samples:
             try:
-                out.append(SegSample(s.image, ~binary_mask(load_image(s.mask)), s.fov))
+                out.append(SegSample(s.image, ~read_mask(s.mask), s.fov))
             except DataError as e:
                 (skipped if skipped is not None else []).append((str(s.image), f"mask {s.mask.name}: {e}"))
         samples = out
@@ -303,7 +656,7 @@ def _paired_folders(root: Path, split: str, test_count: int, what: str,
 
 def _derived_fov(path: Path, threshold: float, skipped: Skipped) -> np.ndarray | None:
     try:
-        return derive_fov(load_image(path), threshold)
+        return derive_fov(read_pixels(path), threshold)
     except DataError as e:
         skipped.append((str(path), str(e)))
         return None
@@ -340,61 +693,183 @@ def read_dataset(name: str, root: str | os.PathLike, split: str = "train", skipp
 # Shards
 
 
+AUTO_SHARDS = 64  # default shard count: enough for 8 ranks x 8 loader workers each to get shards
+
+
+def auto_shard_size(n_samples: int) -> int:
+    """Samples per shard so that there are min(n, AUTO_SHARDS) shards: the loader gives every rank x
+    worker whole shards, so one shard for a 20-image dataset would leave all but one worker idle (and
+    the trainer refuses that)."""
+    return max(1, -(-n_samples // AUTO_SHARDS))
+
+
 def write_dataset_shards(name: str, root: str | os.PathLike, out_dir: str | os.PathLike, split: str = "train",
-                         shard_size: int = 1000, max_size: int | None = None, prefix: str | None = None,
-                         overwrite: bool = False, progress: bool = False, **options: Any) -> ShardReport:
+                         shard_size: int | None = None, max_size: int | None = None, prefix: str | None = None,
+                         overwrite: bool = False, progress: bool = False,
+                         normalisation: Normalisation | None = None, mask_rule: MaskRule | None = None,
+                         **options: Any) -> ShardReport:
     """Segmentation shards (`{prefix}-%06d.tar`, prefix defaults to '<dataset>-<split>') of one split of
     a dataset; `options` go to its reader (annotator, test_count, derive_fov_mask, foreground...).
+    shard_size None: auto_shard_size.
 
     Samples with a missing label, an unreadable file or a mask of another size than the image are
     skipped and reported; a dataset that yields nothing raises a DataError naming the root.
     """
     key = dataset_name(name)
-    if max_size is not None and max_size < 1:
-        raise UserError(f"max size must be at least 1 pixel, got {max_size}")
     report = ShardReport()
     samples = read_dataset(key, root, split=split, skipped=report.skipped, **options)
+    return write_sample_shards(samples, out_dir, prefix or f"{key}-{split}", Path(root), report, shard_size,
+                               max_size, overwrite, progress, normalisation, mask_rule)
+
+
+def folder_samples(image_dir: str | os.PathLike, mask_dir: str | os.PathLike,
+                   fov_dir: str | os.PathLike | None = None, mask_suffix: str = "", fov_suffix: str = "",
+                   image_suffix: str = "", skipped: Skipped | None = None) -> list[SegSample]:
+    """Pairs of an image folder and a mask folder (and a field-of-view folder): the mask of
+    `<stem><image_suffix>.*` is `<stem><mask_suffix>.*` (any image extension), so CVC-612's 1_fram.png
+    pairs with 1_mask.png (image_suffix '_fram', mask_suffix '_mask') and DRIVE's 21_training.tif with
+    21_manual1.gif. Files of the image folder that are another image's mask or FOV (CHASE_DB1 keeps
+    them together) are not images; images without a mask are skipped and reported."""
+    image_dir, mask_dir = _existing_dir(image_dir, "image"), _existing_dir(mask_dir, "mask")
+    tables = [("mask", files_by_stem(mask_dir), mask_suffix, mask_dir)]
+    if fov_dir is not None:
+        fov_dir = _existing_dir(fov_dir, "field-of-view")
+        tables.append(("field-of-view mask", files_by_stem(fov_dir), fov_suffix, fov_dir))
+    candidates = sorted(p for paths in files_by_stem(image_dir).values() for p in paths)
+    if image_suffix:
+        candidates = [p for p in candidates if _stem(p).endswith(image_suffix)]
+    taken = {q for p in candidates for _, table, suffix, _ in tables if suffix or image_suffix
+             for q in table.get(match_name(p, suffix, image_suffix), []) if q != p}
+    skipped = skipped if skipped is not None else []
+    samples = []
+    for path in candidates:
+        if path in taken:
+            continue
+        try:
+            found = [match(path, table, suffix, what, folder, image_suffix) for what, table, suffix, folder in tables]
+        except DataError as e:
+            skipped.append((str(path), str(e)))
+            continue
+        samples.append(SegSample(path, found[0], found[1] if len(found) > 1 else None))
+    if not candidates:
+        raise UserError(f"{image_dir}: no images" + (f" whose name ends in {image_suffix!r}" if image_suffix else ""))
+    return samples
+
+
+def write_folder_shards(image_dir: str | os.PathLike, mask_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                        shard_size: int | None = None, max_size: int | None = None, prefix: str = "seg",
+                        fov_dir: str | os.PathLike | None = None, mask_suffix: str = "", fov_suffix: str = "",
+                        image_suffix: str = "", overwrite: bool = False, progress: bool = False,
+                        normalisation: Normalisation | None = None,
+                        mask_rule: MaskRule | None = None) -> ShardReport:
+    """Segmentation shards of folder_samples (mm-shards seg)."""
+    report = ShardReport()
+    samples = folder_samples(image_dir, mask_dir, fov_dir, mask_suffix, fov_suffix, image_suffix, report.skipped)
+    return write_sample_shards(samples, out_dir, prefix, Path(image_dir), report, shard_size, max_size,
+                               overwrite, progress, normalisation, mask_rule)
+
+
+def write_sample_shards(samples: list[SegSample], out_dir: str | os.PathLike, prefix: str, source: Path,
+                        report: ShardReport, shard_size: int | None = None, max_size: int | None = None,
+                        overwrite: bool = False, progress: bool = False,
+                        normalisation: Normalisation | None = None,
+                        mask_rule: MaskRule | None = None) -> ShardReport:
+    """Write SegSamples as shards: key.png (the model's 8-bit input, read and normalised as mm-segment
+    does), key.mask.png and key.fov.png (0/255) and key.json (source name and size, normalisation,
+    mask rule). report.notes gets the mask rule's one-line account."""
+    if max_size is not None and max_size < 1:
+        raise UserError(f"max size must be at least 1 pixel, got {max_size}")
+    norm = normalisation or Normalisation()
+    rule = mask_rule or MaskRule()
+    size = shard_size if shard_size is not None else auto_shard_size(len(samples))
 
     def encoded() -> Iterator[dict[str, bytes]]:
         used: set[str] = set()
-        for sample in tqdm(samples, desc=key, unit="img", disable=not progress):
-            fields = _encode_sample(sample, max_size, report.skipped)
+        for sample in tqdm(samples, desc=prefix, unit="img", disable=not progress):
+            fields = _encode_sample(sample, max_size, report.skipped, norm, rule)
             if fields is not None:
                 report.written += 1
-                report.stretched += fields.pop("__stretched__")
                 yield {"__key__": make_key(_stem(sample.image), used), **fields}
 
-    report.shards = write_samples(encoded(), out_dir, prefix or f"{key}-{split}", shard_size, overwrite)
-    return _finish(report, Path(root))
+    report.shards = write_samples(encoded(), out_dir, prefix, size, overwrite)
+    if rule.describe():
+        report.notes.append(rule.describe())
+    return _finish(report, source)
 
 
-def _encode_sample(sample: SegSample, max_size: int | None, skipped: Skipped) -> dict[str, bytes] | None:
+def _existing_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{what} folder {p} does not exist" if not p.exists() else f"{what} folder {p} is not a folder")
+    return p
+
+
+def _encode_sample(sample: SegSample, max_size: int | None, skipped: Skipped, norm: Normalisation,
+                   rule: MaskRule) -> dict[str, bytes] | None:
     try:
-        image = load_image(sample.image)
-        # _mode_for: 16-bit / float images stretched to 8 bits (1st..99th percentile), as mm-shards does
-        converted = _mode_for(image, "png")
+        pixels = read_pixels(sample.image)
+        rgb = norm.apply(pixels)
     except DataError as e:
         skipped.append((str(sample.image), str(e)))
         return None
-    source = image.size
-    size = fit_size(source, max_size)
-    if size != source:
-        converted = converted.resize(size, Image.Resampling.LANCZOS)
-    fields = {"png": png_bytes(converted), "__stretched__": image.mode in _HIGH_BIT_MODES}
+    height, width = rgb.shape[:2]
+    grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    image = Image.fromarray(rgb[..., 0] if grey else rgb)
+    size = fit_size((width, height), max_size)
+    if size != (width, height):
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    fields = {"png": png_bytes(image)}
     for what, value in (("mask", sample.mask), ("fov", sample.fov)):
         if value is None:
             continue
         try:
-            mask = value if isinstance(value, np.ndarray) else binary_mask(load_image(value))
+            mask = value if isinstance(value, np.ndarray) else read_mask(value, rule)
         except DataError as e:
             skipped.append((str(sample.image), f"{what} {value.name}: {e}"))
             return None
-        if mask.shape != (source[1], source[0]):
-            reason = f"{what} is {mask.shape[1]}x{mask.shape[0]} but the image is {source[0]}x{source[1]}"
+        if mask.shape != (height, width):
+            name = f"{what} {value.name}" if isinstance(value, Path) else f"derived {what}"
+            reason = f"{name} is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}"
             skipped.append((str(sample.image), reason))
             return None
+        if what == "fov" and not mask.any():
+            skipped.append((str(sample.image), "field-of-view mask is empty (all zero)"))
+            return None
         out = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
-        if size != source:
+        if size != (width, height):
             out = out.resize(size, Image.Resampling.NEAREST)
         fields[f"{what}.png"] = png_bytes(out)
+    meta = {"source": sample.image.name, "source_size": [width, height], "size": list(size),
+            "source_dtype": str(pixels.dtype), "source_channels": int(pixels.shape[-1]),
+            "normalisation": norm.to_dict()}
+    fields["json"] = json.dumps(meta).encode("utf-8")
     return fields
+
+
+# ---------------------------------------------------------------------------------------------------
+# Matching files by name
+
+
+def files_by_stem(directory: Path) -> dict[str, list[Path]]:
+    table: dict[str, list[Path]] = {}
+    for p in sorted(directory.iterdir()):
+        if _is_image(p):
+            table.setdefault(_stem(p), []).append(p)
+    return table
+
+
+def match_name(image: Path, suffix: str, strip: str = "") -> str:
+    """<image stem without `strip` at its end><suffix>: DRIVE's 21_training.tif with strip '_training'
+    and suffix '_manual1' -> 21_manual1."""
+    return _stem(image).removesuffix(strip) + suffix if strip else _stem(image) + suffix
+
+
+def match(image: Path, table: dict[str, list[Path]], suffix: str, what: str, folder: Path,
+          strip: str = "") -> Path:
+    """The one file of `table` named match_name(image, suffix, strip).*; DataError otherwise."""
+    name = match_name(image, suffix, strip)
+    found = table.get(name, [])
+    if len(found) != 1:
+        raise DataError(f"no {what} named {name}.* in {folder}" if not found else
+                        f"several {what}s match in {folder}: {', '.join(p.name for p in found)}")
+    return found[0]

@@ -60,6 +60,7 @@ class ShardReport:
     # Captions without a hard negative, by reason (mm.scenegraph.captions); None: graphs not asked for.
     no_negative: dict[str, int] | None = None
     stretched: int = 0  # 16-bit or float images stored as 8 bits (1st..99th percentile stretch)
+    notes: list[str] = field(default_factory=list)  # one-line accounts of what was done (mask rules...)
 
 
 @dataclass
@@ -545,85 +546,19 @@ def _read_coco(path: Path) -> tuple[list[dict[str, Any]], dict[Any, list[str]]]:
 
 
 def write_segmentation_shards(image_dir: str | os.PathLike, mask_dir: str | os.PathLike,
-                              out_dir: str | os.PathLike, shard_size: int = 1000,
+                              out_dir: str | os.PathLike, shard_size: int | None = None,
                               max_size: int | None = None, prefix: str = "seg",
                               fov_dir: str | os.PathLike | None = None, mask_suffix: str = "",
                               fov_suffix: str = "", overwrite: bool = False,
-                              progress: bool = False) -> ShardReport:
+                              progress: bool = False, **options: Any) -> ShardReport:
     """Segmentation shards: each image in image_dir with the mask whose file stem is the image's stem
     + mask_suffix (e.g. '_manual1'), and likewise a field-of-view mask when fov_dir is given.
 
-    Images are stored as PNG, masks binarised at > 127 to 0/255 (a 0/1 mask counts 1 as foreground).
-    Images without a mask, masks of another size than their image and unreadable files are skipped.
+    Images are read and normalised by the reader mm-segment uses (mm.data.seg_readers: 16-bit, float
+    and multi-channel TIFF, the SAR options), so training sees what inference sees; see
+    seg_readers.write_folder_shards for `options` (image_suffix, normalisation, mask_rule).
     """
-    image_dir = _existing(image_dir, "image directory", is_dir=True)
-    masks = _files_by_stem(_existing(mask_dir, "mask directory", is_dir=True))
-    fovs = _files_by_stem(_existing(fov_dir, "field-of-view directory", is_dir=True)) if fov_dir else None
-    _check_options(None, max_size)
-    # A folder may hold images and their masks together (CHASE_DB1): a file matched as another
-    # image's mask or FOV is not an image itself.
-    candidates = sorted(p for paths in _files_by_stem(image_dir).values() for p in paths)
-    taken: set[Path] = set()
-    for stem in {p.stem for p in candidates}:
-        for table, suffix in ((masks, mask_suffix), (fovs or {}, fov_suffix)):
-            if suffix:
-                taken.update(table.get(stem + suffix, []))
-    images = [p for p in candidates if p not in taken]
-    report = ShardReport()
+    from mm.data.seg_readers import write_folder_shards
 
-    def samples() -> Iterator[dict[str, Any]]:
-        used: set[str] = set()
-        for path in tqdm(images, desc="images", unit="img", disable=not progress):
-            sample = _segmentation_sample(path, masks, mask_suffix, fovs, fov_suffix, max_size, report)
-            if sample is not None:
-                report.written += 1
-                yield {"__key__": make_key(path.stem, used), **sample}
-
-    report.shards = write_samples(samples(), out_dir, prefix, shard_size, overwrite)
-    return _finish(report, image_dir)
-
-
-def _segmentation_sample(path: Path, masks: dict[str, list[Path]], mask_suffix: str,
-                         fovs: dict[str, list[Path]] | None, fov_suffix: str, max_size: int | None,
-                         report: ShardReport) -> dict[str, bytes] | None:
-    """The fields of one sample, or None after recording why it was skipped."""
-    tables = [("mask", masks, mask_suffix)] + ([("fov", fovs, fov_suffix)] if fovs is not None else [])
-    matched: list[tuple[str, Path]] = []
-    for what, table, suffix in tables:
-        found = table.get(path.stem + suffix, [])
-        if len(found) != 1:
-            reason = (f"no {what} named {path.stem + suffix}.*" if not found else
-                      f"several {what}s match: {', '.join(p.name for p in found)}")
-            report.skipped.append((str(path), reason))
-            return None
-        matched.append((what, found[0]))
-    try:
-        image = encode_image(path, "png", max_size)
-    except DataError as e:
-        report.skipped.append((str(path), str(e)))
-        return None
-    sample = {"png": image.data}
-    for what, mask_path in matched:
-        try:
-            mask = _read_mask(mask_path)
-        except DataError as e:
-            report.skipped.append((str(path), f"{what} {mask_path.name}: {e}"))
-            return None
-        if mask.size != image.source_size:
-            (w, h), (iw, ih) = mask.size, image.source_size
-            reason = f"{what} {mask_path.name} is {w}x{h} but the image is {iw}x{ih}"
-            report.skipped.append((str(path), reason))
-            return None
-        if mask.size != image.size:
-            mask = mask.resize(image.size, Image.Resampling.NEAREST)
-        sample[f"{what}.png"] = png_bytes(mask)
-    report.stretched += image.stretched
-    return sample
-
-
-def _files_by_stem(directory: Path) -> dict[str, list[Path]]:
-    table: dict[str, list[Path]] = {}
-    for p in sorted(directory.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
-            table.setdefault(p.stem, []).append(p)
-    return table
+    return write_folder_shards(image_dir, mask_dir, out_dir, shard_size, max_size, prefix, fov_dir,
+                               mask_suffix, fov_suffix, overwrite=overwrite, progress=progress, **options)

@@ -67,6 +67,8 @@ def merge_export(export: str | Path, out: str | Path, base_checkpoint: str | Non
             "mm_step": source.get("mm_step", ""),
             "mm_merged_from": json.dumps({"export": str(export.resolve()), "lora_layers": layers,
                                           "base_checkpoint": cfg.model.checkpoint})}
+    if source.get("mm_data"):  # normalisation and training scale, for mm-segment
+        meta["mm_data"] = source["mm_data"]
     state = model.state_dict()
     if out.exists():
         print(f"--out: replacing {out}", file=sys.stderr)

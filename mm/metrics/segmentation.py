@@ -15,10 +15,20 @@ Conventions:
   Betti-0 = number of foreground components; Betti-1 = number of holes = background components that do
   not touch the image border. betti*_error = |Betti(pred) - Betti(target)|.
 - hd95: boundaries are the foreground pixels with a 4-neighbour in the background or off the image.
-  For each boundary pixel of one mask take the Euclidean distance (pixels) to the nearest boundary
-  pixel of the other; hd95 = max of the two directed 95th percentiles (numpy's linear interpolation),
-  as in medpy and MONAI. Both masks empty -> 0.0; exactly one empty -> nan (undefined; pool_metrics
-  skips nans in its means and reports how many hd95 values were undefined).
+  For each boundary pixel of one mask take the Euclidean distance to the nearest boundary pixel of
+  the other (in pixels, or in physical units with `spacing` = (row, column) pixel size). hd95 is
+  MONAI's convention (compute_hausdorff_distance, percentile=95): the MAXIMUM of the two directed
+  95th percentiles (numpy's linear interpolation). medpy's hd95 differs: it takes ONE 95th percentile
+  of both directions' distances pooled, which is never larger and differs on most irregular shapes;
+  hd95(..., convention="medpy") gives that one. Both masks empty -> 0.0; exactly one empty -> nan
+  (undefined; pool_metrics skips nans in its means and reports how many hd95 values were undefined).
+- bf_score: the Boundary F1 score (Csurka et al. 2013; MATLAB's bfscore, whose default tolerance is a
+  share of the image diagonal, here fixed at 1 pixel as the TopoLoRA-SAM evaluation reports it): boundary precision = share of predicted boundary pixels within 1 px (Euclidean) of a target
+  boundary pixel, recall likewise, F = 2PR / (P + R); same boundaries as hd95. Both empty -> 1.0,
+  one empty -> 0.0.
+- ece: expected calibration error of the foreground probability over the pixels (inside the FOV):
+  10 equal-width bins of p; ECE = sum over bins of (pixels in bin / pixels) x |mean p - share of
+  foreground|. Needs the probabilities (`prob=`); absent -> nan.
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ from skimage.measure import label
 from skimage.morphology import skeletonize
 
 RATIO_KEYS = ("dice", "iou", "precision", "recall")
+HD95_CONVENTIONS = ("monai", "medpy")
+ECE_BINS = 10
+BF_TOLERANCE = 1.0
 COUNT_KEYS = ("tp", "fp", "fn", "tn")
 
 
@@ -89,28 +102,77 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask)
 
 
-def hd95(pred: np.ndarray, target: np.ndarray) -> float:
-    """Symmetric 95th-percentile Hausdorff distance (pixels) between the masks' boundaries."""
+def _directed_distances(pred: np.ndarray, target: np.ndarray,
+                        spacing: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each boundary pixel of pred to target's boundary, and back."""
+    edge_pred, edge_true = _boundary(pred), _boundary(target)
+    # Distance from every pixel to the nearest boundary pixel of the other mask (edt measures the
+    # distance to the nearest zero, hence the negation).
+    to_true = ndimage.distance_transform_edt(~edge_true, sampling=spacing)[edge_pred]
+    to_pred = ndimage.distance_transform_edt(~edge_pred, sampling=spacing)[edge_true]
+    return to_true, to_pred
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None,
+         convention: str = "monai") -> float:
+    """95th-percentile Hausdorff distance between the masks' boundaries, in pixels or in the units of
+    `spacing` (row, column). convention "monai" (default): max of the two directed 95th percentiles;
+    "medpy": the 95th percentile of both directions pooled (see the module docstring)."""
+    if convention not in HD95_CONVENTIONS:
+        raise ValueError(f"hd95 convention must be one of {HD95_CONVENTIONS}, got {convention!r}")
     has_pred, has_true = bool(pred.any()), bool(target.any())
     if not has_pred and not has_true:
         return 0.0
     if has_pred != has_true:
         return math.nan
-    edge_pred, edge_true = _boundary(pred), _boundary(target)
-    # Distance from every pixel to the nearest boundary pixel of the other mask (edt measures the
-    # distance to the nearest zero, hence the negation).
-    to_true = ndimage.distance_transform_edt(~edge_true)[edge_pred]
-    to_pred = ndimage.distance_transform_edt(~edge_pred)[edge_true]
+    to_true, to_pred = _directed_distances(pred, target, spacing)
+    if convention == "medpy":
+        return float(np.percentile(np.concatenate([to_true, to_pred]), 95))
     return float(max(np.percentile(to_true, 95), np.percentile(to_pred, 95)))
 
 
+def bf_score(pred: np.ndarray, target: np.ndarray, tolerance: float = BF_TOLERANCE) -> float:
+    """Boundary F1 score with `tolerance` pixels (see the module docstring)."""
+    has_pred, has_true = bool(pred.any()), bool(target.any())
+    if not has_pred and not has_true:
+        return 1.0
+    if has_pred != has_true:
+        return 0.0
+    to_true, to_pred = _directed_distances(pred, target, None)
+    precision = float(np.mean(to_true <= tolerance))
+    recall = float(np.mean(to_pred <= tolerance))
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def expected_calibration_error(prob: np.ndarray, target: np.ndarray, inside: np.ndarray | None = None,
+                               bins: int = ECE_BINS) -> float:
+    """ECE of foreground probabilities against a boolean target (see the module docstring)."""
+    p = np.asarray(prob, dtype=np.float64)
+    t = np.asarray(target, dtype=bool)
+    if inside is not None:
+        p, t = p[inside], t[inside]
+    p, t = p.ravel(), t.ravel()
+    if not p.size:
+        return math.nan
+    if p.min() < 0 or p.max() > 1:
+        raise ValueError("prob must hold probabilities in [0, 1]")
+    # Bin b holds (b/bins, (b+1)/bins]; p = 0 goes to the first bin.
+    index = np.clip(np.ceil(p * bins).astype(int) - 1, 0, bins - 1)
+    conf = np.bincount(index, weights=p, minlength=bins)
+    acc = np.bincount(index, weights=t.astype(np.float64), minlength=bins)
+    return float(np.abs(conf - acc).sum() / p.size)
+
+
 def segmentation_metrics(
-    pred: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None
+    pred: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None, prob: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, float | int]:
     """Per-image metrics of a binary prediction against a binary target, inside an optional FOV.
 
     Returns the ratios dice, iou, precision, recall, cldice; the topology errors betti0_error and
-    betti1_error; hd95; and the integer counts tp, fp, fn, tn that pool_metrics sums.
+    betti1_error; hd95 (in the units of `spacing` when given, else pixels); bf_score; ece (of `prob`,
+    the foreground probabilities, nan without them); and the integer counts tp, fp, fn, tn that
+    pool_metrics sums.
     """
     pred_arr, target_arr = np.asarray(pred), np.asarray(target)
     if pred_arr.shape != target_arr.shape:
@@ -125,7 +187,10 @@ def segmentation_metrics(
         p, t = p & inside, t & inside
         n_pixels = int(np.count_nonzero(inside))
     else:
+        inside = None
         n_pixels = t.size
+    if prob is not None and np.shape(prob) != target_arr.shape:
+        raise ValueError(f"prob shape {np.shape(prob)} does not match target shape {target_arr.shape}")
 
     tp = int(np.count_nonzero(p & t))
     fp = int(np.count_nonzero(p & ~t))
@@ -137,7 +202,9 @@ def segmentation_metrics(
     out["cldice"] = hard_cldice(p, t)
     out["betti0_error"] = abs(b0_p - b0_t)
     out["betti1_error"] = abs(b1_p - b1_t)
-    out["hd95"] = hd95(p, t)
+    out["hd95"] = hd95(p, t, spacing)
+    out["bf_score"] = bf_score(p, t)
+    out["ece"] = expected_calibration_error(prob, t, inside) if prob is not None else math.nan
     out.update(tp=tp, fp=fp, fn=fn, tn=tn)
     return out
 

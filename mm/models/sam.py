@@ -27,8 +27,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from mm.errors import UserError
@@ -383,20 +385,34 @@ def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def resize_like_sam(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, H, W) 0..255 images resized to `size` (h, w) exactly as SAM's ResizeLongestSide.apply_image
+    does: quantised to uint8, then PIL's bilinear resize (torchvision's resize of a PIL image, whose
+    default interpolation is bilinear). torch's own antialiased bilinear differs from PIL on ~0.1% of
+    pixels by one grey level, so PIL is called: SAM's weights were trained on its exact output."""
+    h, w = size
+    if images.dtype != torch.uint8:
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+    out = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BILINEAR)) for a in arrays])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device, torch.float32)
+
+
 def prepare_image(images: torch.Tensor, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Model input from images in 0..255, (B, C, H, W) or (C, H, W) with C = 1 (grey, repeated) or 3:
-    resize the longest side to image_size (antialiased bicubic, clamped to 0..255, close to the PIL bicubic
-    resize of SAM's ResizeLongestSide), normalise with SAM's pixel mean/std, pad bottom/right with zeros
-    (SAM pads after normalising). Returns (input, (h, w) after resizing)."""
+    quantise to uint8 and resize the longest side to image_size as SAM does (resize_like_sam),
+    normalise with SAM's pixel mean/std, pad bottom/right with zeros (SAM pads after normalising).
+    Returns (input, (h, w) after resizing)."""
     x = images[None] if images.dim() == 3 else images
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
         raise ValueError(f"images need 1 or 3 channels, got {x.shape[1]}")
-    x = x.float()
     h, w = resized_shape(x.shape[-2], x.shape[-1], image_size)
     if (h, w) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
+        x = resize_like_sam(x, (h, w))
+    else:
+        x = x.float().round().clamp(0, 255)
     mean = torch.tensor(PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std

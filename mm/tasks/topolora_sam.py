@@ -15,7 +15,8 @@ Export (`<out_dir>/export/model.safetensors`, train.export):
 
 Validation runs at the model's input resolution (the image resized so its longest side is
 model.image_size, padding excluded); native-resolution sliding-window inference restricted to the
-field of view, as field practice evaluates vessels, belongs to the inference CLI.
+field of view, as field practice evaluates vessels, is mm-segment's (mm/evaluate/segment.py). The
+export records the shards' normalisation and training scale (data_provenance) for it.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def evaluate_segmentation(model: torch.nn.Module, cfg: TopoLoraRunConfig, thresh
     """Dice, clDice, IoU... of sigmoid(logits) > threshold on cfg.data.val, per image at the model input
     resolution inside `valid` (FOV, padding excluded), pooled. Every rank evaluates the whole set.
 
-    Native-resolution sliding-window evaluation is a later issue; these numbers are on resized images.
+    These numbers are on resized images; `mm-segment --masks` measures at native resolution.
     """
     if not cfg.data.val:
         return {}
@@ -224,6 +225,11 @@ class TopoLoraSamTask(TaskBase):
         model = build_topolora_sam(self.cfg.model, load_pretrained)
         if load_pretrained and not self._reported and mmdist.rank() == 0:
             print(f"topolora_sam: {format_parameter_report(trainable_parameter_report(model))}", flush=True)
+            if not self.cfg.model.checkpoint:
+                print("topolora_sam: no model.checkpoint: the image encoder is randomly initialised and frozen, "
+                      "so LoRA adapts random features and most of what learns is the mask decoder (fine for "
+                      "tests; for real images use SAM's released weights, see docs/segmentation.md)",
+                      flush=True)
             self._reported = True
         return model
 
@@ -242,7 +248,11 @@ class TopoLoraSamTask(TaskBase):
         if export_kind(cfg) != "trainable":
             return ExportPlan()
         base = {"variant": cfg.model.variant, **checkpoint_identity(cfg.model.checkpoint)}
-        return ExportPlan(trainable_state_keys(model), {"mm_base": json.dumps(base, sort_keys=True)})
+        meta = {"mm_base": json.dumps(base, sort_keys=True)}
+        data = data_provenance(self.cfg)
+        if data:
+            meta["mm_data"] = json.dumps(data, sort_keys=True)
+        return ExportPlan(trainable_state_keys(model), meta)
 
     def build_export_base(self, meta: dict[str, str], path: str,
                           base_checkpoint: str | None = None) -> torch.nn.Module:
@@ -267,6 +277,53 @@ class TopoLoraSamTask(TaskBase):
                                 f"the one it was trained on ({Path(base.get('path', '?')).name}, "
                                 f"sha256 {base['sha256'][:12]})")
         return model
+
+
+PROVENANCE_SAMPLES = 256  # training samples whose json is read for the export's data record
+
+
+def data_provenance(cfg: TopoLoraRunConfig, limit: int = PROVENANCE_SAMPLES) -> dict[str, Any]:
+    """What mm-segment needs to see images as training saw them, from the json mm-shards writes with
+    each segmentation sample (up to `limit` samples of data.train): the normalisation (pixels were
+    normalised when the shards were written, so training applied it; mm-segment applies the same by
+    default) and the training scale, model.image_size / longest side of the source image (median;
+    random crops zoom in up to 1 / data.crop_min on top), which `mm-segment --mode auto` follows.
+    Empty for shards without such json (older shards, the synthetic worlds)."""
+    import tarfile
+
+    from mm.data.loader import expand_sources
+
+    norms: dict[str, dict] = {}
+    scales: list[float] = []
+    try:
+        urls = [u for src in expand_sources(cfg.data.train) for u in src]
+    except UserError:
+        return {}
+    for url in urls:
+        if len(scales) >= limit or not Path(url).is_file():
+            break
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if not member.name.endswith(".json") or len(scales) >= limit:
+                        continue
+                    meta = json.loads(tar.extractfile(member).read())
+                    if not isinstance(meta, dict) or "source_size" not in meta:
+                        continue
+                    norm = meta.get("normalisation") or {}
+                    norms[json.dumps(norm, sort_keys=True)] = norm
+                    scales.append(cfg.model.image_size / max(meta["source_size"]))
+        except (OSError, tarfile.TarError, ValueError):
+            continue
+    if not scales:
+        return {}
+    out: dict[str, Any] = {"train_scale": float(np.median(scales)), "scale_range": [min(scales), max(scales)],
+                           "samples_read": len(scales)}
+    if len(norms) == 1:
+        out["normalisation"] = next(iter(norms.values()))
+    else:  # shards written with different options: no single default for inference
+        out["normalisations"] = list(norms.values())
+    return out
 
 
 def export_kind(cfg: TopoLoraRunConfig) -> str:
