@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from mm.config import load_config
 from mm.errors import ConfigError, cli_main
@@ -38,9 +39,16 @@ def train_main(task_name: str, argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.config}: a config for task {cfg.task!r}, run with train/{task_name}.py")
     cfg.task = task_name
 
+    from mm.engine.launch import PREEMPTED_EXIT, Preempted
     from mm.engine.trainer import train
 
-    result = train(task, cfg)
+    try:
+        result = train(task, cfg)
+    except Preempted as e:
+        # Not exit 2 (bad input): a scheduler that requeues on 143 (SIGTERM) reruns the same command.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["last"]
         parts = [f"{task_name}: step {result['step']}"]
