@@ -216,11 +216,13 @@ def safe_loading():
             try:
                 return original(f, *args, **kwargs)
             except pickle.UnpicklingError as e:
-                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-                what = found.group(1) if found else str(e).strip().splitlines()[0][:120]
+                # torch names the object as "GLOBAL posix.system" (wording varies between versions)
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                what = found.group(1) if found else "an object outside the allow-list"
                 raise UnsafeCheckpoint(f"{f}: holds a Python object ({what}) that a checkpoint of this "
                                        f"program never contains; not loaded, since loading it could run "
-                                       f"code") from None
+                                       f"code; move this checkpoint folder away if you did not put it "
+                                       f"there") from None
 
     torch.load = load
     try:
@@ -297,6 +299,12 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
     if "mm_task" not in meta:
         raise UserError(f"{path}: not an mm export (no mm_task metadata)")
+    try:
+        config = json.loads(meta.get("mm_config", "{}"))
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its mm_config metadata is not a JSON object; the export is damaged")
     return meta
 
 
