@@ -47,7 +47,7 @@ def train_main(task_name: str, argv: list[str] | None = None) -> int:
     except Preempted as e:
         # Not exit 2 (bad input): a scheduler that requeues on 143 (SIGTERM) reruns the same command.
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"stopped: {e}", file=sys.stderr, flush=True)
+            print(e, file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["last"]
