@@ -17,10 +17,13 @@ shards shapes "$DATA/heldout" --num-samples 500 --seed 7              # composit
 shards vessels "$DATA/vessels-train" --num-samples 2000 --shard-size 250 --seed 0  # thin curves + masks
 shards vessels "$DATA/vessels-val" --num-samples 48 --seed 1
 
+free_port() {  # deepspeed's default 29500 collides with any other launch on this host
+  python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 train() {  # task, config, extra arguments: train from scratch, print the final result line
   local task=$1 config=$2; shift 2
   rm -rf "runs/demo-$task"  # the demo always trains afresh; real runs resume from their out_dir
-  deepspeed --num_gpus 2 "train/$task.py" --config "$config" --deepspeed_config configs/ds/zero2.json "$@" \
+  deepspeed --num_gpus 2 --master_port "$(free_port)" "train/$task.py" --config "$config" --deepspeed_config configs/ds/zero2.json "$@" \
     > "runs/demo-$task.log" 2>&1 || { tail -20 "runs/demo-$task.log"; exit 1; }
   grep "^$task: step" "runs/demo-$task.log"
 }
