@@ -122,7 +122,7 @@ def test_a_taken_port_is_one_line():
         code = ("from mm.errors import cli_main\nfrom mm.engine.launch import init_distributed\n"
                 "cli_main(init_distributed)()")
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, check=False)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"port {port}" in lines[0] and "--master_port" in lines[0]

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 from mm.errors import UserError
 
@@ -226,7 +226,7 @@ class GracefulStop:
     def saving(self) -> None:
         self._saving.set()
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
         launchers = launcher_ancestors()

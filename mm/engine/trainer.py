@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -17,9 +16,8 @@ import torch.distributed as dist
 
 from mm.config import config_json
 from mm.data.loader import check_local_shards
-from mm.engine import checkpoint
+from mm.engine import checkpoint, run_dir
 from mm.engine.ds_config import build_ds_config
-from mm.engine import run_dir
 from mm.engine.launch import GracefulStop, Preempted, init_distributed
 from mm.engine.logger import MetricsLogger
 from mm.errors import UserError

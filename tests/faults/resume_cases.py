@@ -87,8 +87,9 @@ def main(shards: str, work: str, results_path: str) -> None:
     os.system(f"rm -rf {planted}")
 
     # A second run into the same out_dir while the first holds it: refused, nothing of it written.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mm.engine.run_dir import RunLock\n"
-                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(run)],
+    hold = ("import sys, time\nfrom mm.engine.run_dir import RunLock\n"
+            "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert holder.stdout.readline().strip() == "held"
     metrics_before = (run / "metrics.jsonl").read_text()
