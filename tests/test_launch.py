@@ -5,6 +5,7 @@ form ONE 2-rank group (an all_reduce sums both ranks), not two one-rank runs."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -127,3 +128,33 @@ def test_a_taken_port_is_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"port {port}" in lines[0] and "--master_port" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_asks_the_run_to_stop_and_the_handler_is_restored():
+    from mm.engine.launch import GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop(grace_s=60, rank=0) as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process goes on
+        assert stop.requested and stop.reason == "SIGTERM received"
+        stop.saving()  # disarms the grace timer
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_no_step_boundary_within_the_grace_period_exits_143_without_saving():
+    code = ("import os, signal, time\nfrom mm.engine.launch import GracefulStop\n"
+            "with GracefulStop(grace_s=0.5, rank=0):\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 143
+    assert "no step ended within train.stop_grace_s=0.5 s" in proc.stderr
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused(tmp_path):
+    from mm.engine.checkpoint import check_compatible
+
+    state = {"step": 4, "task": "clip", "world_size": 2, "zero_stage": 3}
+    with pytest.raises(UserError, match="ZeRO stage 3, this run uses stage 2"):
+        check_compatible(tmp_path, "step00000004", state, "clip", 2, "", 2)
+    check_compatible(tmp_path, "step00000004", state, "clip", 2, "", 3)
