@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mm.engine.launch import discover_ranks, first_slurm_host
 from mm.errors import UserError
@@ -137,9 +139,33 @@ def test_sigterm_asks_the_run_to_stop_and_the_handler_is_restored():
     with GracefulStop(grace_s=60, rank=0) as stop:
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process goes on
-        assert stop.requested and stop.reason == "SIGTERM received"
+        deadline = time.time() + 5
+        while not stop.requested and time.time() < deadline:  # taken by another thread, so not at once
+            time.sleep(0.01)
+        assert stop.reason == "SIGTERM received"
         stop.saving()  # disarms the grace timer
     assert signal.getsignal(signal.SIGTERM) == before
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+class _SignalledStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield 1
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler signalling every process of the job
+        yield 2
+
+
+def test_a_dataloader_worker_survives_sigterm_during_a_run():
+    """torch's workers exit on SIGTERM, which killed the rank mid-step; the rank decides when to stop."""
+    from torch.utils.data import DataLoader
+
+    from mm.engine.launch import GracefulStop
+
+    with GracefulStop(grace_s=60, rank=0) as stop:
+        got = list(DataLoader(_SignalledStream(), batch_size=None, num_workers=1))
+        stop.saving()
+    assert got == [1, 2]
+    assert not stop.requested  # the worker's signal is not the rank's
 
 
 def test_no_step_boundary_within_the_grace_period_exits_143_without_saving():

@@ -174,8 +174,10 @@ class GracefulStop:
         self.reason = ""
         self._pid = os.getpid()
         self._saving = threading.Event()
+        self._lock = threading.Lock()
         self._done = threading.Event()
         self._previous = None
+        self._mask: set = set()
 
     @property
     def requested(self) -> bool:
@@ -184,9 +186,10 @@ class GracefulStop:
     def request(self, reason: str) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker inherits the handler: the rank decides
             return
-        if self.reason:
-            return
-        self.reason = reason
+        with self._lock:  # the receiver thread and the handler both report one signal
+            if self.reason:
+                return
+            self.reason = reason
         print(f"rank {self.rank}: {reason}; stopping at the end of the current step (a checkpoint is saved "
               f"if that takes under train.stop_grace_s={self.grace_s:g} s)", file=sys.stderr, flush=True)
         threading.Thread(target=self._deadline, daemon=True).start()
@@ -197,6 +200,18 @@ class GracefulStop:
         print(f"rank {self.rank}: no step ended within train.stop_grace_s={self.grace_s:g} s; exiting without a "
               f"new checkpoint (the newest complete one is kept)", file=sys.stderr, flush=True)
         os._exit(PREEMPTED_EXIT)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self._wake_r.recv(64)
+            except OSError:
+                return
+            if not data or self._done.is_set():
+                self._wake_r.close()
+                return
+            if signal.SIGTERM in data:
+                self.request("SIGTERM received")
 
     def _on_signal(self, signum, frame) -> None:
         self.request(f"{signal.Signals(signum).name} received")
@@ -229,6 +244,19 @@ class GracefulStop:
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            # DataLoader workers are forked from the main thread and torch gives them a SIGTERM handler
+            # that exits: a scheduler signalling every process would kill them mid-step and the rank
+            # with them. With SIGTERM blocked in the main thread the workers inherit the block; the
+            # signal is taken by this idle thread (started before the block) and Python still runs
+            # the handler above in the main thread.
+            # The handler itself runs only when the main thread next executes Python, which a rank stuck
+            # in a collective never does; the wakeup fd tells the receiver thread at once, so the grace
+            # timer starts at the signal.
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_w.setblocking(False)
+            self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            threading.Thread(target=self._receive, daemon=True, name="sigterm-receiver").start()
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         launchers = launcher_ancestors()
         if launchers:
             threading.Thread(target=self._watch, args=(launchers,), daemon=True).start()
@@ -237,6 +265,9 @@ class GracefulStop:
     def __exit__(self, *exc) -> None:
         self._done.set()
         if self._previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            signal.set_wakeup_fd(self._old_wakeup)
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+            self._wake_w.close()  # ends the receiver thread
 
