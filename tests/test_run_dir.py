@@ -89,6 +89,9 @@ def test_the_previous_config_is_kept_when_it_changes(tmp_path):
     assert keep_previous_config(tmp_path, "a: 1\n") is None  # same content: nothing to keep
     kept = keep_previous_config(tmp_path, "a: 2\n")
     assert kept.name.startswith("config.") and kept.read_text() == "a: 1\n"
+    (tmp_path / "config.yaml").write_text("a: 2\n")
+    again = keep_previous_config(tmp_path, "a: 3\n")  # within the same second: a name of its own
+    assert again != kept and again.read_text() == "a: 2\n" and kept.read_text() == "a: 1\n"
 
 
 @pytest.mark.parametrize("key,expected", [

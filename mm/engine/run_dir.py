@@ -129,7 +129,10 @@ def keep_previous_config(out_dir: str | os.PathLike, new_text: str) -> Path | No
     path = Path(out_dir) / "config.yaml"
     if not path.is_file() or path.read_text() == new_text:
         return None
-    kept = path.with_name(f"config.{_stamp()}.yaml")
+    stamp = _stamp()
+    kept, n = path.with_name(f"config.{stamp}.yaml"), 1
+    while kept.exists():  # two changes within one second: never write over a kept config
+        kept, n = path.with_name(f"config.{stamp}-{n}.yaml"), n + 1
     shutil.copy2(path, kept)
     return kept
 

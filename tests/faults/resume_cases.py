@@ -70,7 +70,11 @@ def main(shards: str, work: str, results_path: str) -> None:
     # A zero-filled run state in the newest checkpoint.
     state_file = ckpt / "step00000004" / RUN_STATE
     state_file.write_bytes(b"\0" * state_file.stat().st_size)
-    call("zeroed_run_state", "train.steps=5")
+    # ... rerun with another learning rate: applied (re-derived at the restored step), listed, old config kept.
+    call("zeroed_run_state", "train.steps=5", "optim.lr=0.125")
+    results["zeroed_run_state"]["lr"] = {json.loads(line)["step"]: json.loads(line)["lr"]
+                                         for line in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in line}
+    results["zeroed_run_state"]["kept_configs"] = sorted(p.name for p in run.glob("config.*.yaml"))
 
     # A planted checkpoint, newest, with digests that match it: weights-only loading refuses it.
     marker = work / "code-ran"

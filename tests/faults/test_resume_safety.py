@@ -46,6 +46,22 @@ def test_a_zero_filled_run_state_falls_back_and_says_so(cases):
     assert r["steps"][-2:] == [4, 5] and r["tags"][0] == "step00000005"
 
 
+def test_a_changed_learning_rate_is_applied_on_resume_and_listed(cases):
+    """optim.lr changed on the rerun: the restored optimizer takes the new value at the restored step of
+    the schedule (before, the checkpoint's lr silently won while config.yaml claimed the new one)."""
+    from mm.config import load_config
+    from mm.engine.trainer import warmup_cosine
+    from mm.tasks import get_task
+
+    r = cases["zeroed_run_state"]
+    assert "optim.lr was 0.002, now 0.125" in r["stderr"] and "train.steps was 4, now 5" in r["stderr"]
+    cfg = load_config(ROOT / "configs/clip/tiny.yaml", ["optim.warmup_steps=4"], get_task("clip").config_class)
+    schedule = warmup_cosine(4, 5, cfg.optim.min_lr_ratio)
+    for step in (4, 5):
+        assert abs(r["lr"][str(step)] - 0.125 * schedule(step)) < 1e-12, (step, r["lr"])
+    assert len(r["kept_configs"]) == 2  # one per rerun that changed the config (train.steps, then optim.lr)
+
+
 def test_a_planted_checkpoint_runs_no_code(cases):
     r = cases["planted"]
     assert not r["code_ran"]
