@@ -142,9 +142,16 @@ def run_training(task_name: str, args: argparse.Namespace) -> int:
         return 0
     task = task_class(task_name)(cfg)
 
+    from mm.engine.launch import PREEMPTED_EXIT, Preempted
     from mm.engine.trainer import train
 
-    result = train(task)
+    try:
+        result = train(task)
+    except Preempted as e:
+        # Not exit 2 (bad input): a scheduler that requeues on 143 (SIGTERM) reruns the same command.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["last"]
         parts = [f"{task_name}: step {result['step']}"]

@@ -72,6 +72,9 @@ class TrainConfig:
     resume: bool = True  # resume from the newest checkpoint in out_dir when there is one
     # A non-finite loss skips its step; this many in a row stop the run (the model has diverged).
     max_nonfinite_steps: int = 5
+    # After SIGTERM (or the launcher's death) the run saves a checkpoint at the end of the current step
+    # if that comes within this many seconds; otherwise it exits without one.
+    stop_grace_s: float = 60.0
 
 
 @dataclass
@@ -109,10 +112,17 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     # STRUCTURE's cache and layer selection (mm-structure); 0 means "all" / "default" where allowed.
     "cache.batch_size": (1, None), "cache.num_workers": (0, None), "cache.part_size": (1, None),
     "cache.max_samples": (0, None), "select.n": (0, None), "select.k": (0, None),
+    "train.seed": (0, 2**32 - 1), "train.stop_grace_s": (0.0, None), "optim.betas": (0.0, 0.999999),
 }
 
 
 def _check_range(key: str, value: Any, source: str) -> None:
+    if key == "optim.betas" and isinstance(value, list) and len(value) != 2:
+        raise ConfigError(f"{source}: 'optim.betas' must be two numbers [beta1, beta2], got {value!r}")
+    if isinstance(value, list):  # bounds apply to each item
+        for item in value:
+            _check_range(key, item, source)
+        return
     if key not in _RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     low, high = _RANGES[key]

@@ -47,6 +47,12 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
     if "mm_task" not in meta:
         raise UserError(f"{path}: not an mm export (no mm_task metadata)")
+    try:
+        config = json.loads(meta.get("mm_config", "{}"))
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its mm_config metadata is not a JSON object; the export is damaged")
     return meta
 
 

@@ -13,8 +13,9 @@ def build_ds_config(path: str, batch_size: int, grad_accum: int, grad_clip: floa
                     world_size: int, on_gpu: bool) -> dict[str, Any]:
     """Read the ZeRO config and fill in the keys the run config owns.
 
-    The run config is the one place for batch size, accumulation, clipping and precision; a DeepSpeed
-    file that sets one of them to something else (other than "auto") is an error, not a silent override.
+    The run config is the one place for batch size, accumulation, clipping, precision and the optimizer;
+    a DeepSpeed file that sets one of them to something else (other than "auto"), or has an optimizer
+    or scheduler section, is an error, not a silent override.
     """
     try:
         ds = json.loads(Path(path).read_text())
@@ -22,9 +23,29 @@ def build_ds_config(path: str, batch_size: int, grad_accum: int, grad_clip: floa
         raise ConfigError(f"{path}: cannot read DeepSpeed config ({e.strerror})") from None
     except ValueError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(ds).__name__}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: 'zero_optimization' must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    for section in ("optimizer", "scheduler"):
+        # The trainer hands DeepSpeed its own AdamW and schedule (optim.*), which win over these.
+        if section in ds:
+            raise ConfigError(f"{path}: has an '{section}' section, which this trainer does not use; set "
+                              f"optim.* in the run config instead and remove it")
+    for name in ("bf16", "fp16"):
+        section = ds.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: '{name}' must be an object, got {section!r}")
+        enabled = section.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (precision == name):
+            raise ConfigError(f"{path}: '{name}.enabled' is {enabled!r} but train.precision is {precision!r}; "
+                              f"set the precision in the run config (train.precision) and drop 'enabled'")
     if precision == "fp16" and not on_gpu:
         raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed refuses it on the CPU); use fp32 or bf16")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 0 and grad_clip > 0:
         # DeepSpeed's ZeRO stage 0 path fails when gradient clipping is on.
         raise ConfigError(f"{path}: ZeRO stage 0 cannot clip gradients; use stage 1-3 or train.grad_clip=0")

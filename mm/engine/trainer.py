@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -16,29 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mm.config import config_json, save_config
-from mm.engine import checkpoint
+from mm.config import config_json
+from mm.engine import checkpoint, run_dir
 from mm.engine.ds_config import build_ds_config
+from mm.engine.launch import GracefulStop, Preempted, init_distributed
 from mm.engine.logger import MetricsLogger
 from mm.engine.task import Task, World
 from mm.errors import UserError
 from mm.models.clip import export_preprocess_metadata
-
-
-def init_distributed() -> None:
-    """Join the process group the launcher set up, or make a one-rank group for a plain `python` run."""
-    import deepspeed
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        # Without these DeepSpeed looks for an MPI launcher (mpi4py) instead of running alone.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(verbose=False)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -64,13 +47,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's state as plain lists: a checkpoint then holds nothing a weights-only load refuses.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _gather_object(obj: Any) -> list:
@@ -95,6 +82,19 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def _apply_optim(scheduler: Any, optim: Any, weight_decays: list[float], schedule) -> None:
+    """After a resume with changed optim.* or train.steps: the restored optimizer and scheduler state
+    hold the checkpoint's values, so set this run's lr, betas, eps and weight decay and re-derive the
+    current lr from the schedule at the restored step (Adam's moments are kept)."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    scheduler.lr_lambdas = [schedule] * len(groups)
+    for group, decay in zip(groups, weight_decays):
+        group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay, initial_lr=optim.lr)
+        group["lr"] = optim.lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def _model_config(cfg: Any) -> str:
@@ -129,12 +129,23 @@ def train(task: Task) -> dict[str, Any]:
     train.out_dir if possible.
 
     Returns the last logged values, the evaluation metrics, the export path and the DeepSpeed engine
-    (on every rank).
+    (on every rank). Rank 0 holds out_dir's lock for the whole call; SIGTERM or the launcher's death
+    stops the run at the next step with a checkpoint (raises Preempted).
     """
+    init_distributed()
+    cfg = task.cfg
+    lock = run_dir.RunLock(cfg.train.out_dir)
+    try:
+        with GracefulStop(cfg.train.stop_grace_s, dist.get_rank()) as stop:
+            return _train(task, cfg, lock, stop)
+    finally:
+        lock.release()
+
+
+def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> dict[str, Any]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = task.cfg
     tc = cfg.train
@@ -151,27 +162,33 @@ def train(task: Task) -> dict[str, Any]:
     np.random.seed(tc.seed)
     model = task.build_model()
 
-    problem = ""
+    model_config = _model_config(cfg)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    problem, plan = "", (None, [])
     if rank == 0:
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out_dir / "config.yaml")
+            tag, lines, applied = run_dir.prepare(out_dir, cfg, task.name, world, model_config, zero_stage, lock)
+            plan = (tag, applied)
+            for line in lines:
+                print(line, file=sys.stderr, flush=True)
+        except UserError as e:
+            problem = str(e)
         except OSError as e:
             problem = f"train.out_dir: cannot write to {out_dir} ({e.strerror})"
     # Every rank raises together instead of the others waiting on rank 0 for ever.
-    problem = _gather_object(problem)[0]
+    problem, (resume_tag, applied) = _gather_object((problem, plan))[0]
     if problem:
         raise UserError(problem)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.optim.warmup_steps, tc.steps, cfg.optim.min_lr_ratio))
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    schedule = warmup_cosine(cfg.optim.warmup_steps, tc.steps, cfg.optim.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
 
-    model_config = _model_config(cfg)
-    client = (checkpoint.resume(engine, out_dir, task.name, world, model_config, type(cfg)) if tc.resume
-              else None)
+    client = checkpoint.resume(engine, out_dir, resume_tag) if resume_tag else None
+    if client and any(k.startswith("optim.") or k == "train.steps" for k in applied):
+        _apply_optim(scheduler, cfg.optim, [g["weight_decay"] for g in groups], schedule)
     step = int(client["step"]) if client else 0
     skipped = int(client.get("skipped_steps", 0)) if client else 0
     data_state = client["data"][rank] if client else None
@@ -195,7 +212,8 @@ def train(task: Task) -> dict[str, Any]:
     def save_checkpoint() -> str:
         state = {"step": step, "data": _gather_object(loader.state_dict()), "rng": _gather_object(_rng_state()),
                  "skipped_steps": skipped}
-        return checkpoint.save(engine, out_dir, step, state, tc.keep_checkpoints, task.name, world, model_config)
+        return checkpoint.save(engine, out_dir, step, state, tc.keep_checkpoints, task.name, world, model_config,
+                               extra={"config": config_json(cfg), "zero_stage": zero_stage})
 
     sums: dict[str, float] = {}
     n_micro, t0, last_logged, last_tag, consecutive = 0, time.time(), {}, None, 0
@@ -256,9 +274,16 @@ def train(task: Task) -> dict[str, Any]:
                     last_tag = save_checkpoint()
                 if step >= tc.steps:
                     break
+                if stop.agreed(engine.device):
+                    stop.saving()
+                    if last_tag != f"step{step:08d}":
+                        last_tag = save_checkpoint()
+                    raise Preempted(f"stopped at step {step} ({stop.reason or 'another rank was asked to stop'}); "
+                                    f"checkpoint {out_dir / 'checkpoints' / last_tag} saved; run the same "
+                                    f"command to resume")
             last_tag = save_checkpoint()
         else:
-            last_tag = checkpoint.latest_tag(out_dir)
+            last_tag = resume_tag
     finally:
         # Ends the bar's line, so an error message that follows starts a line of its own.
         if progress:
@@ -278,7 +303,8 @@ def train(task: Task) -> dict[str, Any]:
             meta.update(plan.metadata)
         # The image transform the model trained with (open_clip's preprocess_cfg), for its evaluators.
         meta.update(export_preprocess_metadata(engine.module))
-        checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, plan.keys)
+        with checkpoint.safe_loading():  # the export reads the checkpoint files again
+            checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, plan.keys)
     dist.barrier()
     evaluation = task.evaluate(engine.module)
     if evaluation:
