@@ -42,7 +42,7 @@ def export(tmp_path_factory) -> Path:
 
 def with_data_record(export: Path, out: Path, record: dict) -> Path:
     """A copy of an export whose metadata carries mm_data, as the trainer writes it."""
-    from mm.engine.checkpoint import read_export_metadata
+    from mm.exports import read_export_metadata
 
     meta = {**read_export_metadata(export), "mm_data": json.dumps(record)}
     save_file(load_file(str(export)), str(out), metadata=meta)

@@ -35,7 +35,7 @@ def main(shards: str, work: str, results_path: str) -> None:
     import torch
 
     from mm.engine.checkpoint import RUN_STATE, _sha256, checkpoint_root, complete_tags
-    from mm.engine.cli import train_main
+    from mm.cli import train_main
 
     work = Path(work)
     run = work / "run"

@@ -104,7 +104,7 @@ def test_bad_engine_inputs_are_one_line_and_leave_nothing(cases, case, fragment)
 
 
 def test_malformed_export_metadata_is_one_line(tmp_path):
-    from mm.engine.checkpoint import load_exported
+    from mm.tasks import load_exported
 
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(1)}, str(path), metadata={"mm_task": "clip", "mm_config": "{not json"})
