@@ -12,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from mm.data.cli import main
-from mm.data.shards import write_coco_shards, write_image_text_shards, write_segmentation_shards
+from mm.data.seg_readers import write_folder_shards
+from mm.data.shards import write_coco_shards, write_image_text_shards
 from mm.errors import DataError, UserError
 
 
@@ -141,8 +142,8 @@ def test_segmentation_binarises_masks_and_skips_mismatches(tmp_path):
     ones[:3] = 1  # a 0/1 label map
     Image.fromarray(ones).save(masks / "d_manual1.png")
 
-    report = write_segmentation_shards(images, masks, tmp_path / "out", fov_dir=fovs,
-                                       mask_suffix="_manual1", fov_suffix="_fov")
+    report = write_folder_shards(images, masks, tmp_path / "out", fov_dir=fovs,
+                                 mask_suffix="_manual1", fov_suffix="_fov")
     reasons = dict(report.skipped)
     assert reasons == {str(images / "b.jpg"): "mask b_manual1.png is 10x10 but the image is 20x10",
                        str(images / "c.jpg"): f"no mask named c_manual1.* in {masks}"}

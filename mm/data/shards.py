@@ -539,26 +539,3 @@ def _read_coco(path: Path) -> tuple[list[dict[str, Any]], dict[Any, list[str]]]:
         if ann["caption"].strip():
             captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     return images, captions
-
-
-# ---------------------------------------------------------------------------------------------------
-# Segmentation: image folder + mask folder (+ field-of-view folder)
-
-
-def write_segmentation_shards(image_dir: str | os.PathLike, mask_dir: str | os.PathLike,
-                              out_dir: str | os.PathLike, shard_size: int | None = None,
-                              max_size: int | None = None, prefix: str = "seg",
-                              fov_dir: str | os.PathLike | None = None, mask_suffix: str = "",
-                              fov_suffix: str = "", overwrite: bool = False,
-                              progress: bool = False, **options: Any) -> ShardReport:
-    """Segmentation shards: each image in image_dir with the mask whose file stem is the image's stem
-    + mask_suffix (e.g. '_manual1'), and likewise a field-of-view mask when fov_dir is given.
-
-    Images are read and normalised by the reader mm-segment uses (mm.data.seg_readers: 16-bit, float
-    and multi-channel TIFF, the SAR options), so training sees what inference sees; see
-    seg_readers.write_folder_shards for `options` (image_suffix, normalisation, mask_rule).
-    """
-    from mm.data.seg_readers import write_folder_shards
-
-    return write_folder_shards(image_dir, mask_dir, out_dir, shard_size, max_size, prefix, fov_dir,
-                               mask_suffix, fov_suffix, overwrite=overwrite, progress=progress, **options)
