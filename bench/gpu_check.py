@@ -168,7 +168,7 @@ def filip_loss_benchmark(device: str, smoke: bool) -> list[dict]:
             tm = torch.ones(b, nt, dtype=torch.bool, device=device)
             tm[:, nt // 2:] = False
             scale = torch.tensor(100.0, device=device)
-            def fn(v, vm, t, tm, scale):
+            def fn(v, vm, t, tm, scale, method=method):
                 if method == "ours":
                     return filip_loss(v, vm, t, tm, scale, gather=False)["loss"]
                 with torch.device(device):  # naive_loss makes its labels on the default device
@@ -212,7 +212,8 @@ def dry_run() -> int:
                     else Path(cfg.train.deepspeed_config)
                 if not ds.is_file():
                     raise FileNotFoundError(f"{ds}: no such DeepSpeed config")
-                print(f"{name} ({'smoke' if smoke else 'real'}): ok, batch {cfg.data.batch_size}, {cfg.train.precision}, "
+                print(f"{name} ({'smoke' if smoke else 'real'}): ok, batch {cfg.data.batch_size}, "
+                      f"{cfg.train.precision}, "
                       f"{Path(cfg.train.deepspeed_config).name}")
             except Exception as e:  # every problem is listed, not only the first
                 problems.append(f"{name} ({'smoke' if smoke else 'real'}): {e}")

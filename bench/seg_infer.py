@@ -86,7 +86,7 @@ def main() -> None:
     model = build_topolora_sam(SamModelConfig(variant=args.variant, image_size=args.image_size)).eval().to(device)
     image = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
     size = args.image_size
-    tiles = [image[t:t + size, l:l + size] for t, l in tile_grid(args.height, args.width, size, args.overlap)]
+    tiles = [image[t:t + size, x:x + size] for t, x in tile_grid(args.height, args.width, size, args.overlap)]
 
     segmenter = Segmenter(model, size, InferenceOptions(mode="tile", overlap=args.overlap,
                                                         batch_size=args.batch_size, precision=args.precision),

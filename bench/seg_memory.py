@@ -46,7 +46,8 @@ def main() -> None:
     pred = prob > 0.5
     print(f"side {args.side}, tile {args.tile}, mode {args.mode}: {seg.tiles_run} tiles in "
           f"{time.perf_counter() - start:.0f} s; image {rgb.nbytes / 2**20:.0f} MiB, peak RSS {before:.0f} -> "
-          f"{peak_mib():.0f} MiB (+{peak_mib() - before:.0f} MiB = {(peak_mib() - before) * 2**20 / (args.side ** 2):.1f} "
+          f"{peak_mib():.0f} MiB (+{peak_mib() - before:.0f} MiB = "
+          f"{(peak_mib() - before) * 2**20 / (args.side ** 2):.1f} "
           f"bytes per pixel); mask {pred.shape}")
 
 

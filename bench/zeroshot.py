@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.datasets import ImageFolder
 
     from mm.data.classnames import load_classnames, load_templates
-    from mm.evaluate.datasets import FolderDataset, image_label_loader
     from mm.data.streams import labelled_shard_batches
+    from mm.evaluate.datasets import FolderDataset, image_label_loader
     from mm.metrics.zeroshot import evaluate_zeroshot_batches
     from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer
 

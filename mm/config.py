@@ -3,8 +3,8 @@
 Loading is strict: an unknown or misspelt key, or a value of the wrong type, raises ConfigError naming
 the key and the file before any compute starts. Relative input paths (shards, checkpoints, the
 DeepSpeed json) resolve against the config file's folder or a folder above it where they exist, else
-the current directory (resolve_relative_paths), so a config works from any directory. Each task declares its own `model` section; the
-`data`, `optim` and `train` sections are shared by every task.
+the current directory (resolve_relative_paths), so a config works from any directory. Each task
+declares its own `model` section; the `data`, `optim` and `train` sections are shared by every task.
 """
 
 from __future__ import annotations

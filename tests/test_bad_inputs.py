@@ -127,7 +127,8 @@ CASES = [
     Case("train-resume-checkpoint-of-another-task", "train:clip", clip_train(out="{other_task_run}"),
          ["checkpoint of task 'filip'", "train.resume=false"], ["{other_task_run}/export"]),
     Case("train-resume-checkpoint-of-another-architecture", "train:clip", clip_train(out="{other_arch_run}"),
-         ["another architecture", "model.arch.vision_cfg.width was 64, now 32", "train.resume=false"], ["{other_arch_run}/export"]),
+         ["another architecture", "model.arch.vision_cfg.width was 64, now 32", "train.resume=false"],
+         ["{other_arch_run}/export"]),
     Case("train-resume-other-world-size", "train:clip", clip_train(out="{other_world_run}"),
          ["written by 4 ranks", "same world size"], ["{other_world_run}/export"]),
     # --- mm-shards
@@ -148,8 +149,9 @@ CASES = [
     Case("shards-out-is-a-file", "mm-shards", ["synthetic", "--out", "{file}", "--num-samples", "4"],
          ["afile", "is a file"]),
     # --- mm-zeroshot
-    Case("zeroshot-missing-checkpoint", "mm-zeroshot", ["--checkpoint", "{t}/none.safetensors", "--data", "{val}",
-                                                         "--output", "{t}/zs.json"], ["none.safetensors"], ["{t}/zs.json"]),
+    Case("zeroshot-missing-checkpoint", "mm-zeroshot",
+         ["--checkpoint", "{t}/none.safetensors", "--data", "{val}", "--output", "{t}/zs.json"],
+         ["none.safetensors"], ["{t}/zs.json"]),
     Case("zeroshot-checkpoint-not-safetensors", "mm-zeroshot",
          ["--checkpoint", "{txt}", "--data", "{val}", "--output", "{t}/zs.json"], ["notes.txt", "safetensors"],
          ["{t}/zs.json"]),

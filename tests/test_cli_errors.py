@@ -1,5 +1,6 @@
 """Bad input to the command lines: a one-line `error:` and exit code 2, no traceback."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,8 +75,6 @@ def test_result_files_are_written_whole(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", interrupted)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         write_text_atomic(target, '{"acc1": 0.9}\n')
-    except KeyboardInterrupt:
-        pass
     assert target.read_text() == '{"acc1": 0.5}\n'

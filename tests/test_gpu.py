@@ -61,7 +61,7 @@ def test_bf16_training_on_cuda_resumes_and_skips_nothing(shapes, tmp_path):
     assert a["step"] == 4 and a["skipped_steps"] == 0
     losses = [json.loads(x)["loss"] for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()
               if '"loss"' in x]
-    assert all(l == l and abs(l) < 1e4 for l in losses)
+    assert all(v == v and abs(v) < 1e4 for v in losses)
     (tmp_path / "b/checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a/checkpoints/step00000002", tmp_path / "b/checkpoints/step00000002")
     b = train(task, load_config(ROOT / "configs/clip/tiny.yaml", common + [f"train.out_dir={tmp_path / 'b'}"],

@@ -85,7 +85,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     from mm.data.image_text import image_text_map
 
     _corrupt_shard(tmp_path / "bad-000000.tar")
-    sample_map = image_text_map(open_clip.image_transform(32, False), open_clip.tokenizer.SimpleTokenizer(context_length=16))
+    sample_map = image_text_map(open_clip.image_transform(32, False),
+                                open_clip.tokenizer.SimpleTokenizer(context_length=16))
     loader = Loader(StreamSpec(urls=str(tmp_path / "bad-000000.tar"), sample_map=sample_map,
                                collate=default_collate, batch_size=5, num_workers=0, repeat=False,
                                drop_last=False))

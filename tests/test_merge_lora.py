@@ -47,7 +47,7 @@ def _trained_model(task, cfg):
     torch.manual_seed(1)
     model = get_task(task.name, cfg).build_model()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
         model.adapter.norm.running_mean.normal_(0, 0.1)

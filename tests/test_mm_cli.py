@@ -36,7 +36,7 @@ def test_help_lists_every_command_of_the_table():
 
 
 def test_every_sub_command_answers_help_with_its_own_usage(capsys):
-    for name, command in COMMANDS.items():
+    for name in COMMANDS:
         if name == "scenegraph" and not (ROOT / "mm/scenegraph/cli.py").exists():
             continue
         with pytest.raises(SystemExit) as exit_:

@@ -139,8 +139,8 @@ def test_export_carries_the_transform_and_evaluation_uses_it(tmp_path):
     """A CLIP model on an architecture with SigLIP-like preprocessing, exported with the metadata the
     trainer writes: the evaluators' loader reproduces the training transform from it."""
     from mm.config import config_json, load_config
-    from mm.exports import read_export_metadata, save_export
     from mm.evaluate.models import load_embedding_model
+    from mm.exports import read_export_metadata, save_export
     from mm.models.clip import export_preprocess_metadata
     from mm.tasks import get_task
 

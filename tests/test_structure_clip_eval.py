@@ -66,5 +66,5 @@ def test_kee_scoring_needs_a_kee_model(model_cfg):
     clip_task = get_task("clip")
     clip_cfg = load_config(ROOT / "configs/clip/tiny.yaml", TINY, clip_task.config_class)
     with pytest.raises(UserError, match="--kee"):
-        evaluate(get_task(clip_task.name, clip_cfg).build_model(), clip_tokenizer(cfg.model), clip_preprocess(cfg.model, False),
-                 sugarcrepe=["unused.json"], kee=True)
+        evaluate(get_task(clip_task.name, clip_cfg).build_model(), clip_tokenizer(cfg.model),
+                 clip_preprocess(cfg.model, False), sugarcrepe=["unused.json"], kee=True)

@@ -1,4 +1,5 @@
-"""Train the structure_clip task: `deepspeed --num_gpus N train/structure_clip.py --config configs/structure_clip/tiny.yaml`
+"""Train the structure_clip task:
+`deepspeed --num_gpus N train/structure_clip.py --config configs/structure_clip/tiny.yaml`
 (the same as `mm train structure_clip ...`)."""
 
 import sys

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def expected_identity(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls: 
     return cache_identity(encoder_identity(vision_cfg, "vision"), encoder_identity(text_cfg, "text"), urls)
 
 
-def _pair_map(preprocess, tokenizer):
+def _pair_map(preprocess: Callable, tokenizer: Callable) -> Callable[[dict, random.Random], dict[str, Any]]:
     def sample_map(raw: dict, rng: random.Random) -> dict[str, Any]:
         caption = raw.get("txt")
         if caption is None:

@@ -139,10 +139,8 @@ def _partial_shards(out_dir: Path, prefix: str) -> list[Path]:
 
 
 def _remove_empty_dirs(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         path.rmdir()  # only when empty: never removes anything a user put there meanwhile
-    except OSError:
-        pass
 
 
 def _prepare_out_dir(out_dir: Path, prefix: str, overwrite: bool) -> str:
@@ -256,10 +254,7 @@ _to_8bit = to_8bit  # the name tests and older callers use
 def _read_mask(path: Path) -> Image.Image:
     """A binary mask as 8-bit L with values 0/255; DataError(reason) if missing or corrupt."""
     _, image = _open_image(path)
-    if image.mode in _HIGH_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-    else:
-        values = np.asarray(image.convert("L"))
+    values = np.asarray(image, dtype=np.float64) if image.mode in _HIGH_BIT_MODES else np.asarray(image.convert("L"))
     # Some datasets store label maps as 0/1; a >127 threshold would silently empty them.
     foreground = values == 1 if values.max(initial=0) == 1 else values > 127
     return Image.fromarray(np.where(foreground, 255, 0).astype(np.uint8))

@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -206,12 +207,12 @@ def _safe_globals() -> list:
 
 
 @contextmanager
-def safe_loading():
+def safe_loading() -> Iterator[None]:
     """Within this block every torch.load (DeepSpeed's, zero_to_fp32's) loads weights only: a pickled
     object outside the allow-list raises UnsafeCheckpoint instead of running its code."""
     original = torch.load
 
-    def load(f, *args, **kwargs):
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
         with torch.serialization.safe_globals(_safe_globals()):
             try:

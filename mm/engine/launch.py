@@ -20,6 +20,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Mapping
+from typing import Any
 
 from mm.errors import UserError
 
@@ -213,7 +214,7 @@ class GracefulStop:
             if signal.SIGTERM in data:
                 self.request("SIGTERM received")
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
         self.request(f"{signal.Signals(signum).name} received")
 
     def _watch(self, launchers: list) -> None:
@@ -229,7 +230,7 @@ class GracefulStop:
                     self.request(f"the launcher that started this rank (pid {proc.pid}) is gone")
                     return
 
-    def agreed(self, device) -> bool:
+    def agreed(self, device: Any) -> bool:
         """True on every rank when any rank was asked to stop (one small all-reduce)."""
         import torch
         import torch.distributed as dist

@@ -13,7 +13,7 @@ class MetricsLogger:
         self.file = None
         self.tb = None
         if enabled:
-            self.file = open(out_dir / "metrics.jsonl", "a")
+            self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run, closed by close()
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))

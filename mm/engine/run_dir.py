@@ -9,6 +9,7 @@ work over NFS.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
@@ -73,10 +74,8 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # while still locked, so no one locks the old file afterwards
-        except FileNotFoundError:
-            pass
         os.close(self.fd)
         self.fd = None
 

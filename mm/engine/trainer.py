@@ -7,6 +7,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from mm.errors import UserError
 from mm.models.clip import export_preprocess_metadata
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -84,7 +85,7 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def _apply_optim(scheduler: Any, optim: Any, weight_decays: list[float], schedule) -> None:
+def _apply_optim(scheduler: Any, optim: Any, weight_decays: list[float], schedule: Callable[[int], float]) -> None:
     """After a resume with changed optim.* or train.steps: the restored optimizer and scheduler state
     hold the checkpoint's values, so set this run's lr, betas, eps and weight decay and re-derive the
     current lr from the schedule at the restored step (Adam's moments are kept)."""

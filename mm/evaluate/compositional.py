@@ -228,7 +228,7 @@ def shapes_items(urls: str, preprocess: Callable, tokenizer: Callable,
     return relation, attribute, n_images
 
 
-def _swappable_relations(graph) -> list:
+def _swappable_relations(graph: Any) -> list:
     from mm.scenegraph.negatives import SYMMETRIC_PREDICATES
 
     return [r for r in graph.relations if r.subject != r.object and r.predicate not in SYMMETRIC_PREDICATES]
@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                        parse=caption_parser(parser) if parser else parse_simple)
     record = {"checkpoint": loaded.source, "model_task": loaded.task,
               "model": loaded.name, "task": "compositional",
-              "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee else "cosine(encode_image, encode_text)")
+              "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee
+                          else "cosine(encode_image, encode_text)")
               + "; correct = true caption strictly higher",
               "parser": parser_text,
               "results": results}

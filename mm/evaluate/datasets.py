@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from PIL import Image

@@ -13,12 +13,14 @@ import json
 import os
 import random
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mm.cliargs import add_debug, command_prog
+from mm.data.loader import Loader
 from mm.errors import UserError, check_output_file, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
 
@@ -42,7 +44,7 @@ def captions_map(preprocess: Callable) -> Callable[[dict, random.Random], dict[s
     return sample_map
 
 
-def retrieval_batches(preprocess: Callable, urls: str, batch_size: int = 64, num_workers: int = 0):
+def retrieval_batches(preprocess: Callable, urls: str, batch_size: int = 64, num_workers: int = 0) -> Loader:
     """One pass over image-text shards through the shared loader (no shuffling)."""
     from mm.data.loader import Loader, StreamSpec, default_collate
 

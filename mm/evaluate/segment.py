@@ -22,7 +22,8 @@ images that fit in S x S and tiles larger ones at native resolution. With a fiel
 predictions outside it are set to background and the metrics count only pixels inside it.
 
 Safety: output paths are checked against every input image, the mask and field-of-view files the
-inputs pair with, and the checkpoint, before any work (an --output inside the input folder never writes over ground truth); existing outputs are
+inputs pair with, and the checkpoint, before any work (an --output inside the input folder never writes over
+ground truth); existing outputs are
 replaced with a note (--skip-existing keeps them and segments only the other images).
 
 Exit codes: 0 every image done; 1 some images failed (each named on a `skipped:` line, the others

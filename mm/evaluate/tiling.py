@@ -92,13 +92,13 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], image: torch
     total: torch.Tensor | None = None
     norm = torch.zeros(height, width, dtype=torch.float32, device=image.device)
     for batch in _batches(tile_grid(height, width, tile, overlap), batch_size):
-        tiles = torch.stack([image[:, t:t + tile, l:l + tile] for t, l in batch])
+        tiles = torch.stack([image[:, t:t + tile, x:x + tile] for t, x in batch])
         out = predict(tiles).float()
         if total is None:
             total = torch.zeros(out.shape[1], height, width, dtype=torch.float32, device=image.device)
-        for (t, l), o in zip(batch, out):
-            total[:, t:t + tile, l:l + tile] += o * weights
-            norm[t:t + tile, l:l + tile] += weights
+        for (t, x), o in zip(batch, out):
+            total[:, t:t + tile, x:x + tile] += o * weights
+            norm[t:t + tile, x:x + tile] += weights
         if on_batch is not None:
             on_batch(len(batch))
     assert total is not None  # tile_grid always yields at least one tile

@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from mm.cliargs import add_debug, command_prog
 from mm.errors import UserError, check_output_file, cli_main, write_text_atomic
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(batches, desc: str):
+def _progress(batches: Iterable, desc: str) -> Iterable:
     from tqdm import tqdm
 
     try:
@@ -56,7 +58,7 @@ def _progress(batches, desc: str):
                 disable=not sys.stderr.isatty(), leave=False)
 
 
-def write_confusion_png(matrix, classnames: list[str], path: str, title: str) -> None:
+def write_confusion_png(matrix: Any, classnames: list[str], path: str, title: str) -> None:
     """Row-normalised confusion matrix (true class rows, predicted columns) with the counts' colour scale."""
     import matplotlib
 

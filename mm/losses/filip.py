@@ -26,6 +26,7 @@ token counts (the data layer pads captions to a fixed context length and images 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,7 @@ class _FilipSimilarity(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
+    def forward(ctx: Any, img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
                 chunk_size: int | None, store_indices: bool) -> tuple[torch.Tensor, torch.Tensor]:
         img, txt = img.contiguous(), txt.contiguous()
         bi, ni, _ = img.shape
@@ -145,7 +146,7 @@ class _FilipSimilarity(torch.autograd.Function):
         return s_i2t, s_t2i
 
     @staticmethod
-    def backward(ctx, grad_i2t: torch.Tensor | None, grad_t2i: torch.Tensor | None):
+    def backward(ctx: Any, grad_i2t: torch.Tensor | None, grad_t2i: torch.Tensor | None) -> tuple:
         img, img_mask, txt, txt_mask, n_img, n_txt, *saved_args = ctx.saved_tensors
         need_img, need_txt = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if not (need_img or need_txt):

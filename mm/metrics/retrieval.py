@@ -3,7 +3,7 @@ in the gallery, every caption of an image a correct answer for it."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

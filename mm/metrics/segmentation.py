@@ -23,7 +23,8 @@ Conventions:
   hd95(..., convention="medpy") gives that one. Both masks empty -> 0.0; exactly one empty -> nan
   (undefined; pool_metrics skips nans in its means and reports how many hd95 values were undefined).
 - bf_score: the Boundary F1 score (Csurka et al. 2013; MATLAB's bfscore, whose default tolerance is a
-  share of the image diagonal, here fixed at 1 pixel as the TopoLoRA-SAM evaluation reports it): boundary precision = share of predicted boundary pixels within 1 px (Euclidean) of a target
+  share of the image diagonal, here fixed at 1 pixel as the TopoLoRA-SAM evaluation reports it): boundary
+  precision = share of predicted boundary pixels within 1 px (Euclidean) of a target
   boundary pixel, recall likewise, F = 2PR / (P + R); same boundaries as hd95. Both empty -> 1.0,
   one empty -> 0.0.
 - ece: expected calibration error of the foreground probability over the pixels (inside the FOV):

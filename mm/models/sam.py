@@ -109,7 +109,7 @@ def _target_name(target: str) -> str:
 # Plain SAM from segment_anything's modules
 
 
-def build_sam(cfg: SamModelConfig):
+def build_sam(cfg: SamModelConfig) -> nn.Module:
     """A segment_anything `Sam` with the config's encoder sizes at `cfg.image_size`, randomly initialised.
 
     The same construction as segment_anything's `_build_sam` (which only builds 1024 x 1024 models), made
@@ -409,10 +409,7 @@ def prepare_image(images: torch.Tensor, image_size: int) -> tuple[torch.Tensor, 
     if x.shape[1] != 3:
         raise ValueError(f"images need 1 or 3 channels, got {x.shape[1]}")
     h, w = resized_shape(x.shape[-2], x.shape[-1], image_size)
-    if (h, w) != tuple(x.shape[-2:]):
-        x = resize_like_sam(x, (h, w))
-    else:
-        x = x.float().round().clamp(0, 255)
+    x = resize_like_sam(x, (h, w)) if (h, w) != tuple(x.shape[-2:]) else x.float().round().clamp(0, 255)
     mean = torch.tensor(PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std

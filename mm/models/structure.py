@@ -11,6 +11,7 @@ loaded against the digest stored with the heads, so heads are never silently use
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -131,9 +132,9 @@ def build_structure_model(cfg: StructureModelConfig, vision_dims: list[int], tex
     return StructureModel(cfg, vision_dims[v], text_dims[t], v, t)
 
 
-def structure_tokenizer(cfg: StructureModelConfig):
+def structure_tokenizer(cfg: StructureModelConfig) -> Callable[[list[str]], torch.Tensor]:
     return text_tokenizer(cfg.text)
 
 
-def structure_preprocess(cfg: StructureModelConfig):
+def structure_preprocess(cfg: StructureModelConfig) -> Callable:
     return vision_preprocess(cfg.vision)

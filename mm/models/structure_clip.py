@@ -6,7 +6,8 @@ What each loss term sees (as in the authors' released training code):
   ``normalize(t + kee_weight * KEE(triples of the caption's scene graph))``;
 * the hard-negative hinge compares the PLAIN text-tower embeddings of the caption and of its swapped
   negative. The negative is a swap inside the caption's own text (mm.scenegraph.negatives): it keeps
-  every word and changes only their order, so the text tower itself must learn word order; with the hinge on fused embeddings the KEE alone could open the margin (its
+  every word and changes only their order, so the text tower itself must learn word order; with the hinge on
+  fused embeddings the KEE alone could open the margin (its
   h + r - t differs between the two graphs) and the text tower would learn nothing from the negatives.
 
 Inference: `encode_image` / `encode_text` are the plain CLIP towers (what zero-shot classification

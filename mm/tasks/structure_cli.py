@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from mm.cliargs import add_config_options, add_debug, command_prog
 from mm.errors import ConfigError, cli_main
@@ -45,7 +46,7 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
-def run_cache(cfg, overwrite: bool) -> dict:
+def run_cache(cfg: Any, overwrite: bool) -> dict:
     import sys
 
     from mm.data.feature_cache import build_feature_cache
@@ -61,7 +62,7 @@ def run_cache(cfg, overwrite: bool) -> dict:
             "bad_samples": meta["bad_samples"]}
 
 
-def run_select(cfg) -> dict:
+def run_select(cfg: Any) -> dict:
     import torch
 
     from mm.config import save_config

@@ -11,7 +11,8 @@ Export (`<out_dir>/export/model.safetensors`, train.export):
   engine fills them from the module).
 - `auto` (default) is `trainable` when model.checkpoint is set and `full` otherwise: a randomly
   initialised SAM (the CPU test sizes) has no file to rebuild its frozen weights from.
-`mm export --format sam` (mm/evaluate/export.py; alias mm-merge-lora) folds LoRA into the encoder weights of either kind.
+`mm export --format sam` (mm/evaluate/export.py; alias mm-merge-lora) folds LoRA into the encoder weights of
+either kind.
 
 Validation runs at the model's input resolution (the image resized so its longest side is
 model.image_size, padding excluded); native-resolution sliding-window inference restricted to the

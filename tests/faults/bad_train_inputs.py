@@ -10,13 +10,14 @@ import io
 import json
 import sys
 import traceback
+from pathlib import Path
 
 
 def main(cases_path: str, results_path: str) -> None:
     from mm.cli import train_main
 
     results = {}
-    for case in json.loads(open(cases_path).read()):
+    for case in json.loads(Path(cases_path).read_text()):
         err = io.StringIO()
         code, tb = 0, ""
         with contextlib.redirect_stderr(err):

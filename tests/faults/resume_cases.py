@@ -34,8 +34,8 @@ class Boom:
 def main(shards: str, work: str, results_path: str) -> None:
     import torch
 
-    from mm.engine.checkpoint import RUN_STATE, _sha256, checkpoint_root, complete_tags
     from mm.cli import train_main
+    from mm.engine.checkpoint import RUN_STATE, _sha256, checkpoint_root, complete_tags
 
     work = Path(work)
     run = work / "run"
@@ -108,7 +108,8 @@ def main(shards: str, work: str, results_path: str) -> None:
     call("fresh", "train.steps=2", "train.resume=false")
     previous = sorted((run / "previous").iterdir())
     results["fresh"]["previous"] = [str(p) for p in previous]
-    results["fresh"]["previous_export_kept"] = (previous[0] / "export" / "model.safetensors").read_bytes() == export_before
+    kept = (previous[0] / "export" / "model.safetensors").read_bytes()
+    results["fresh"]["previous_export_kept"] = kept == export_before
     results["fresh"]["previous_tags"] = complete_tags(previous[0])
     # ... and a crash-free rerun of a plain command resumes the NEW run (finished at step 2: nothing to do).
     call("fresh_rerun", "train.steps=2")

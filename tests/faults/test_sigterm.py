@@ -4,6 +4,7 @@ included, leave a checkpoint of the step it stopped at, and the same command mus
 Before, the runner died alone: DeepSpeed's launch.py and both ranks went on as orphans, finished and
 wrote the export a minute later, and a rerun collided with them in the same out_dir."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,10 +90,9 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_the_reru
                 time.sleep(0.5)
             survivors = [(p.pid, " ".join(p.cmdline())[:120]) for p in _alive(tree)]
         finally:
-            try:  # whatever is left of the launch (its own process group), so a failure leaves no orphans
+            # Whatever is left of the launch (its own process group), so a failure leaves no orphans.
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(runner.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     text = log_path.read_text()
     assert not survivors, f"processes of the run outlived the launcher: {survivors}\n{text[-3000:]}"
     stopped_at = max(_logged_steps(out))
