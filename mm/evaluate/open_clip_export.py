@@ -33,8 +33,8 @@ from mm.errors import UserError
 REFUSED = {
     "filip": "FILIP scores image-text pairs by token-wise late interaction through its own token projections; "
              "open_clip's CLIP has one pooled embedding per tower, so it cannot express FILIP's similarity",
-    "structure": "STRUCTURE trains small heads on frozen non-CLIP encoders (e.g. DINOv2 + MiniLM with their own "
-                 "tokenizer and preprocessing), which are not an open_clip CLIP model",
+    "structure": "STRUCTURE reads two frozen timm / Hugging Face encoders at a chosen intermediate layer through "
+                 "trained heads (its export holds only the heads); open_clip's CLIP towers can express neither",
     "topolora_sam": "TopoLoRA-SAM is a SAM segmentation model, not a CLIP; use --format sam",
 }
 SUPPORTED = ("clip", "structure_clip")
@@ -90,6 +90,15 @@ def _metrics(path: Path, step: int | None) -> dict[str, Any]:
     return last
 
 
+def _yaml_tree(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def model_card(export: Path, meta: dict[str, str], cfg_tree: dict[str, Any], model_cfg: dict[str, Any],
                preprocess_cfg: dict[str, Any]) -> str:
     """README.md of an exported folder: task, architecture, data, steps, final metrics, training command,
@@ -115,7 +124,7 @@ def model_card(export: Path, meta: dict[str, str], cfg_tree: dict[str, Any], mod
         "  The weights were trained with mm (MIT licensed code). mm records no licence for the training data",
         f"  or base weights{f' ({pretrained})' if pretrained else ''}; set `license` to theirs before publishing.",
         "pipeline_tag: zero-shot-image-classification",
-        f"tags: [clip, open_clip, mm, {task}]",
+        f"tags: [{', '.join(dict.fromkeys(['clip', 'open_clip', 'mm', task]))}]",
         "---",
         "",
         f"# {task} model exported from mm",
@@ -180,8 +189,8 @@ def model_card(export: Path, meta: dict[str, str], cfg_tree: dict[str, Any], mod
         "",
         "## Training command",
         "",
-        "The resolved run config stored in the export is `training_config.yaml` in this folder; it reproduces "
-        "the run with:",
+        "mm does not record the command line itself; the resolved run config stored in the export (every key, "
+        "as trained) is `training_config.yaml` in this folder, and this command reruns the same training:",
         "",
         "```sh",
         f"mm train {task} --config training_config.yaml",
@@ -189,7 +198,9 @@ def model_card(export: Path, meta: dict[str, str], cfg_tree: dict[str, Any], mod
         "",
     ]
     if config_file and config_file.is_file():
-        lines += [f"(The run directory's config is {config_file}.)", ""]
+        same = _yaml_tree(config_file) == cfg_tree
+        lines += [f"The run directory's config {config_file} "
+                  f"{'is the same config' if same else 'differs from it (a later run rewrote it)'}.", ""]
     else:
         absent.append("config.yaml")
         lines += ["The run directory's config.yaml is absent (the export does not sit in its run directory).", ""]
