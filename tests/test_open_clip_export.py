@@ -170,3 +170,31 @@ def test_bad_out_refused_and_overwrite(clip_run, tmp_path, capsys):
     assert export_main([str(clip_run), "--format", "open_clip", "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "open_clip_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no temporary folder left
+
+
+def test_trained_run_end_to_end(shapes, tmp_path):
+    """`mm train clip` for 2 steps through the engine, then `mm export --format open_clip` on its run's
+    export: open_clip answers as mm, and the card's metrics are the run's metrics.jsonl."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    sets = TINY + ["data.batch_size=4", "data.num_workers=0", "train.steps=2", "train.log_every=1",
+                   f"data.train={shapes['train']}", f"eval.zeroshot_data={shapes['val']}", f"train.out_dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mm", "train", "clip", "--config", "configs/clip/tiny.yaml",
+                           *[a for s in sets for a in ("--set", s)]], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export, out = run / "export" / "model.safetensors", tmp_path / "oc"
+    proc = subprocess.run([sys.executable, "-m", "mm", "export", str(export), "--format", "open_clip", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_loads_as_mm(export, out)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    card = (out / "README.md").read_text()
+    loss = [r["loss"] for r in records if "loss" in r][-1]
+    acc1 = [r["zeroshot/acc1"] for r in records if "zeroshot/acc1" in r][-1]
+    assert f"| loss | {loss:.6g} | 2 |" in card and f"| zeroshot/acc1 | {acc1:.6g} | 2 |" in card
+    assert f"{run / 'config.yaml'} is the same config" in card and "steps: 2 (of train.steps = 2)" in card
