@@ -7,6 +7,11 @@ Formats (FORMATS):
   sam   a TopoLoRA-SAM export with its LoRA folded into the image-encoder weights: a full export whose
         state dict is a segment_anything SAM state dict plus `adapter.*` (mm/evaluate/merge_lora.py;
         the old `mm-merge-lora EXPORT --out OUT` does the same).
+  open_clip  a CLIP or Structure-CLIP export as a folder that open_clip loads unchanged
+        (`open_clip.create_model_and_transforms("local-dir:DIR")`, `open_clip.get_tokenizer("local-dir:DIR")`)
+        with a model card, README.md (mm/evaluate/open_clip_export.py). FILIP and STRUCTURE are refused.
+
+    mm export runs/demo-clip/export/model.safetensors --format open_clip --out demo-clip-open_clip
 """
 
 from __future__ import annotations
@@ -27,23 +32,34 @@ def _sam(args: argparse.Namespace) -> str:
             f"{result['bytes'] / 2**20:.1f} MiB): segment_anything SAM keys + adapter.*")
 
 
+def _open_clip(args: argparse.Namespace) -> str:
+    from mm.evaluate.open_clip_export import export_open_clip
+
+    result = export_open_clip(args.export, args.out, args.overwrite)
+    kee = "; the KEE is not carried (plain CLIP text tower)" if result["task"] == "structure_clip" else ""
+    return (f"wrote {result['out']}/ ({result['tensors']} tensors, open_clip_config.json, README.md){kee}: "
+            f"open_clip.create_model_and_transforms(\"local-dir:{result['out']}\")")
+
+
 # format -> (what it writes, the function writing it and returning the line to print)
 FORMATS: dict[str, tuple[str, Callable[[argparse.Namespace], str]]] = {
     "sam": ("TopoLoRA-SAM with LoRA merged: segment_anything keys + adapter.*", _sam),
+    "open_clip": ("CLIP / Structure-CLIP as an open_clip local-dir: folder with a model card", _open_clip),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=command_prog("export"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="formats:\n" + "\n".join(f"  {k:<6} {v[0]}" for k, v in FORMATS.items()))
+                                epilog="formats:\n" + "\n".join(f"  {k:<10} {v[0]}" for k, v in FORMATS.items()))
     p.add_argument("export", help="an mm export (.safetensors)")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="the format to write")
-    p.add_argument("--out", required=True, help="the file to write (.safetensors)")
+    p.add_argument("--out", required=True, help="sam: the file to write (.safetensors); open_clip: the folder to write")
     p.add_argument("--base-checkpoint", default=None,
                    help="sam: the base SAM checkpoint of a trainable-only export, when it is not at the "
                         "recorded path")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (open_clip: a non-empty folder)")
     add_debug(p)
     return p
 
