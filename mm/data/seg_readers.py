@@ -94,21 +94,22 @@ def _name_without_gz(path: Path) -> str:
     return path.name[:-3] if path.name.lower().endswith(".gz") else path.name
 
 
-def _stem(path: Path) -> str:
+def image_stem(path: Path) -> str:
     """The name without its image suffix, and without .gz first (STARE's im0001.ah.ppm.gz -> im0001.ah)."""
     return Path(_name_without_gz(path)).stem
 
 
-def _is_image(path: Path) -> bool:
-    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
-    return path.is_file() and not path.name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+def is_image_file(path: Path) -> bool:
+    """A visible file with an image suffix (.gz-compressed images included)."""
+    return path.is_file() and not path.name.startswith(".") and \
+        Path(_name_without_gz(path)).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _images_by_stem(directory: Path) -> dict[str, Path]:
     table: dict[str, Path] = {}
     for p in sorted(directory.iterdir()):
-        if _is_image(p):
-            table.setdefault(_stem(p), p)
+        if is_image_file(p):
+            table.setdefault(image_stem(p), p)
     return table
 
 
@@ -737,7 +738,7 @@ def folder_samples(image_dir: str | os.PathLike, mask_dir: str | os.PathLike,
         tables.append(("field-of-view mask", files_by_stem(fov_dir), fov_suffix, fov_dir))
     candidates = sorted(p for paths in files_by_stem(image_dir).values() for p in paths)
     if image_suffix:
-        candidates = [p for p in candidates if _stem(p).endswith(image_suffix)]
+        candidates = [p for p in candidates if image_stem(p).endswith(image_suffix)]
     taken = {q for p in candidates for _, table, suffix, _ in tables if suffix or image_suffix
              for q in table.get(match_name(p, suffix, image_suffix), []) if q != p}
     skipped = skipped if skipped is not None else []
@@ -789,7 +790,7 @@ def write_sample_shards(samples: list[SegSample], out_dir: str | os.PathLike, pr
             fields = _encode_sample(sample, max_size, report.skipped, norm, rule)
             if fields is not None:
                 report.written += 1
-                yield {"__key__": make_key(_stem(sample.image), used), **fields}
+                yield {"__key__": make_key(image_stem(sample.image), used), **fields}
 
     report.shards = write_samples(encoded(), out_dir, prefix, size, overwrite)
     if rule.describe():
@@ -853,15 +854,15 @@ def _encode_sample(sample: SegSample, max_size: int | None, skipped: Skipped, no
 def files_by_stem(directory: Path) -> dict[str, list[Path]]:
     table: dict[str, list[Path]] = {}
     for p in sorted(directory.iterdir()):
-        if _is_image(p):
-            table.setdefault(_stem(p), []).append(p)
+        if is_image_file(p):
+            table.setdefault(image_stem(p), []).append(p)
     return table
 
 
 def match_name(image: Path, suffix: str, strip: str = "") -> str:
     """<image stem without `strip` at its end><suffix>: DRIVE's 21_training.tif with strip '_training'
     and suffix '_manual1' -> 21_manual1."""
-    return _stem(image).removesuffix(strip) + suffix if strip else _stem(image) + suffix
+    return image_stem(image).removesuffix(strip) + suffix if strip else image_stem(image) + suffix
 
 
 def match(image: Path, table: dict[str, list[Path]], suffix: str, what: str, folder: Path,

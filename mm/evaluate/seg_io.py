@@ -20,6 +20,8 @@ from mm.data.seg_readers import (  # noqa: F401 -- re-exported: mm-segment's rea
     MaskRule,
     Normalisation,
     files_by_stem,
+    image_stem,
+    is_image_file,
     match,
     match_name,
     percentile_stretch,
@@ -29,23 +31,8 @@ from mm.data.seg_readers import (  # noqa: F401 -- re-exported: mm-segment's rea
     read_pixels,
     to_rgb8,
 )
-from mm.data.shards import IMAGE_SUFFIXES
 
 read_image = read_pixels
-
-
-def _name_without_gz(path: Path) -> str:
-    return path.name[:-3] if path.name.lower().endswith(".gz") else path.name
-
-
-def image_stem(path: Path) -> str:
-    """The file name without its image suffix (and without .gz: STARE's im0001.ppm.gz -> im0001)."""
-    return Path(_name_without_gz(path)).stem
-
-
-def is_image_file(path: Path) -> bool:
-    return (path.is_file() and not path.name.startswith(".")
-            and Path(_name_without_gz(path)).suffix.lower() in IMAGE_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from mm.config import RunConfig
-from mm.data.loader import check_local_shards
+from mm.data.loader import Loader, check_local_shards
 from mm.engine.task import ONE_RANK, Batches, ExportPlan, World
 
 
@@ -93,3 +93,17 @@ def zeroshot_metrics(model: torch.nn.Module, cfg: Any, tokenizer: Callable, prep
         else:
             out.update({f"zeroshot_{scoring}/{k}": v for k, v in metrics.items() if k != "n_images"})
     return out
+
+
+def image_text_batches(cfg: Any, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
+    """The image-text loader of the contrastive tasks whose model is an open_clip CLIP (CLIP, FILIP): the
+    model's own transform (augmented for train), its tokenizer, one of a sample's captions per epoch."""
+    from mm.data.image_text import image_text_map
+    from mm.data.streams import stream_from_config
+    from mm.models.clip import clip_preprocess, clip_tokenizer
+
+    m = cfg.model
+    sample_map = image_text_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m),
+                                captions=cfg.data.captions)
+    return stream_from_config(cfg.data, split, sample_map, seed=cfg.train.seed, rank=world.rank,
+                              world_size=world.size, eval_batch_size=cfg.eval.batch_size, state=state)

@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from mm.config import RunConfig
-from mm.data.image_text import image_text_map
 from mm.data.loader import Loader
-from mm.data.streams import stream_from_config
 from mm.engine.task import ONE_RANK, World
 from mm.losses.contrastive import clip_loss
 from mm.models.clip import ClipModelConfig, build_clip, clip_outputs, clip_preprocess, clip_tokenizer
-from mm.tasks.base import TaskBase, zeroshot_metrics
+from mm.tasks.base import TaskBase, image_text_batches, zeroshot_metrics
 
 
 @dataclass
@@ -34,11 +32,7 @@ class ClipTask(TaskBase):
         return build_clip(self.cfg.model, load_pretrained)
 
     def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
-        m = self.cfg.model
-        sample_map = image_text_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m),
-                                    captions=self.cfg.data.captions)
-        return stream_from_config(self.cfg.data, split, sample_map, seed=self.cfg.train.seed, rank=world.rank,
-                                  world_size=world.size, eval_batch_size=self.cfg.eval.batch_size, state=state)
+        return image_text_batches(self.cfg, split, world, state)
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         out = clip_outputs(model, batch["image"], batch["text"])

@@ -14,15 +14,13 @@ from typing import ClassVar
 import torch
 
 from mm.config import RunConfig
-from mm.data.image_text import image_text_map
 from mm.data.loader import Loader
-from mm.data.streams import stream_from_config
 from mm.engine.task import ONE_RANK, World
 from mm.errors import UserError
 from mm.losses.filip import FilipLoss
 from mm.models.clip import clip_preprocess, clip_tokenizer
 from mm.models.filip import FilipModel, FilipModelConfig
-from mm.tasks.base import TaskBase, zeroshot_metrics
+from mm.tasks.base import TaskBase, image_text_batches, zeroshot_metrics
 
 GATHER_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,11 +65,7 @@ class FilipTask(TaskBase):
         return FilipModel(self.cfg.model, load_pretrained)
 
     def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
-        m = self.cfg.model
-        sample_map = image_text_map(clip_preprocess(m, is_train=split == "train"), clip_tokenizer(m),
-                                    captions=self.cfg.data.captions)
-        return stream_from_config(self.cfg.data, split, sample_map, seed=self.cfg.train.seed, rank=world.rank,
-                                  world_size=world.size, eval_batch_size=self.cfg.eval.batch_size, state=state)
+        return image_text_batches(self.cfg, split, world, state)
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         # Through the model's own forward (the engine's), so ZeRO-3 gathers every parameter it uses.
