@@ -143,6 +143,17 @@ def test_select_writes_scores_heatmaps_and_a_train_config(workflow):
     assert m[chosen["vision_layer"], chosen["text_layer"]] == m.max()
 
 
+def test_select_again_says_it_replaces_the_earlier_selection(workflow, capsys):
+    from mm.tasks.structure_cli import main
+
+    before = workflow["train_yaml"].read_text()
+    assert main(["select", "--config", str(ROOT / "configs/structure/tiny.yaml"),
+                 *[a for o in workflow["overrides"] for a in ("--set", o)]]) == 0
+    err = capsys.readouterr().err
+    assert "note: replacing the earlier layer selection" in err and "train.yaml" in err
+    assert workflow["train_yaml"].read_text() == before  # same cache, same seed: the same choice
+
+
 def test_cached_batches_resume_exactly_and_split_the_global_batch():
     from mm.tasks.structure import CachedFeatureBatches
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,6 @@ def _config(args: argparse.Namespace):
 
 
 def run_cache(cfg: Any, overwrite: bool) -> dict:
-    import sys
-
     from mm.data.feature_cache import build_feature_cache
 
     c = cfg.cache
@@ -89,6 +88,10 @@ def run_select(cfg: Any) -> dict:
         raise ConfigError(f"select.k: {k} neighbours need more than {n} pairs")
     vision, text = cache.layers("vision", rows), cache.layers("text", rows)
     out = Path(s.out or Path(cfg.cache.dir) / "select")
+    earlier = [p.name for p in (out / "train.yaml", *(out / f"alignment_{m}.{e}" for m in METRICS
+                                                      for e in ("json", "png"))) if p.is_file()]
+    if earlier:  # a rerun replaces the earlier selection: say so rather than overwrite silently
+        print(f"note: replacing the earlier layer selection in {out} ({', '.join(earlier)})", file=sys.stderr)
     record = {"n": n, "k": k, "metric": s.metric}
     for metric in METRICS:
         matrix = layer_alignment_matrix(vision, text, metric=metric, k=k)
