@@ -137,5 +137,37 @@ def test_two_ranks_zero2_lower_the_loss_on_vessels(dist_results):
     r = dist_results
     assert r["world"] == 2 and r["step"] == 30 and r["bad_samples"] == 0
     assert r["losses"][-1] < r["losses"][0] - 0.3, r["losses"]
-    assert r["after"]["val/dice"] > r["before"]["val/dice"], (r["before"], r["after"])
+    # Measured: Dice 0.19 -> 0.79, clDice 0.19 -> 0.90 (random encoder, 30 steps of 2 x 8 images).
+    for metric in ("val/dice", "val/cldice"):
+        assert r["after"][metric] > r["before"][metric] + 0.3 and r["after"][metric] > 0.6, (r["before"], r["after"])
     assert r["export_output_diff"] < 1e-5
+
+
+def test_mm_segment_runs_the_unet_export(dist_results, tmp_path, capsys):
+    """mm segment on the trainer's unet export: the export's normalisation (model.mean/std 0.5), masks at
+    the images' size, and the pooled Dice of the trained model (not chance)."""
+    import tarfile
+
+    from PIL import Image
+
+    from mm.evaluate.segment import main
+
+    root = Path(dist_results["export"]).parents[2]
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    with tarfile.open(root / "val" / "vessels-000000.tar") as tar:
+        for m in tar.getmembers():
+            target = masks / m.name.replace(".mask.png", ".png") if m.name.endswith(".mask.png") else images / m.name
+            if m.name.endswith(".png"):
+                target.write_bytes(tar.extractfile(m).read())
+    out = tmp_path / "out"
+    assert main(["--checkpoint", dist_results["export"], "--input", str(images), "--masks", str(masks),
+                 "--output", str(out)]) == 0, capsys.readouterr().err
+    record = json.loads((out / "metrics.json").read_text())
+    assert len(record["per_image"]) == 24
+    # Native 32 px here, the model's 64 px input in training: close to the trainer's validation Dice.
+    assert record["pooled"]["mean_dice"] == pytest.approx(dist_results["after"]["val/dice"], abs=0.1), \
+        (record["pooled"], dist_results["after"])
+    first = sorted(images.iterdir())[0]
+    assert Image.open(out / f"{first.stem}_mask.png").size == Image.open(first).size

@@ -17,6 +17,7 @@ EfficientNet-Lite0's weights want 0.5/0.5. Exports are full (every weight; no fi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 from mm import dist as mmdist
 from mm.config import RunConfig, TrainConfig
 from mm.data.loader import Loader
-from mm.engine.task import ONE_RANK, World
+from mm.engine.task import ONE_RANK, ExportPlan, World
 from mm.errors import ConfigError, UserError
 from mm.losses.segmentation import SegLoss
 from mm.tasks.base import TaskBase
@@ -158,3 +159,11 @@ class UnetTask(TaskBase):
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return evaluate_segmentation(model, self.cfg)
+
+    def export_plan(self, model: torch.nn.Module) -> ExportPlan:
+        """Every weight, with the shards' normalisation and training scale for `mm segment`, as
+        TopoLoRA-SAM records them (mm.tasks.topolora_sam.data_provenance)."""
+        from mm.tasks.topolora_sam import data_provenance
+
+        data = data_provenance(self.cfg)
+        return ExportPlan(metadata={"mm_data": json.dumps(data, sort_keys=True)} if data else {})
