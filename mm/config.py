@@ -268,7 +268,7 @@ def _apply_override(tree: dict, assignment: str) -> None:
 # Input paths a config may give relative to itself (see resolve_relative_paths). Outputs (train.out_dir)
 # stay relative to the current directory.
 PATH_KEYS = ("data.train", "data.val", "train.deepspeed_config", "model.checkpoint", "eval.zeroshot_data",
-             "eval.classnames", "eval.templates")
+             "eval.classnames", "eval.templates", "model.encoder_weights")
 
 
 def _first_expansion(pattern: str) -> str:

@@ -95,7 +95,8 @@ class Segmenter:
     (B, 3, S, S), normalised and padded, to logits (B, 1, S, S)."""
 
     def __init__(self, model: torch.nn.Module, image_size: int, options: InferenceOptions,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> None:
         if options.mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got {options.mode!r}")
         if options.blend not in BLEND_MODES:
@@ -117,8 +118,10 @@ class Segmenter:
         self.noted = False
         from mm.models.sam import PIXEL_MEAN, PIXEL_STD
 
-        self.mean = torch.tensor(PIXEL_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(PIXEL_STD, device=self.device).view(1, 3, 1, 1)
+        # The model's input normalisation, 0..255 units (None: SAM's pixel statistics; a unet export's own).
+        self.norm = (tuple(mean or PIXEL_MEAN), tuple(std or PIXEL_STD))
+        self.mean = torch.tensor(self.norm[0], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.norm[1], device=self.device).view(1, 3, 1, 1)
 
     def _predict(self, batch: torch.Tensor) -> torch.Tensor:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.options.precision)
@@ -170,7 +173,7 @@ class Segmenter:
         size = self.image_size
         mode = self.mode_for(height, width)
         if mode == "resize":
-            x, resized = prepare_image(image[None], size)
+            x, resized = prepare_image(image[None], size, *self.norm)
             return restore_logits(self._predict(x), resized, (height, width))[0, 0].cpu()
         if mode == "tile":
             if self.options.mode == "auto" and not self.noted:
@@ -195,7 +198,9 @@ def load_model(checkpoint: str, base_checkpoint: str | None = None
     from mm.exports import read_export_metadata
     from mm.tasks import load_exported
 
-    _, cfg, model = load_exported(checkpoint, expect_task="topolora_sam", base_checkpoint=base_checkpoint)
+    # A unet export (mm/tasks/unet.py) segments the same way; any other task is refused by load_exported.
+    task = "unet" if read_export_metadata(checkpoint).get("mm_task") == "unet" else "topolora_sam"
+    _, cfg, model = load_exported(checkpoint, expect_task=task, base_checkpoint=base_checkpoint)
     try:
         data = json.loads(read_export_metadata(checkpoint).get("mm_data") or "{}")
     except ValueError:
@@ -570,7 +575,11 @@ def main(argv: list[str] | None = None) -> int:
         created += prepare_output(sub)
     options = InferenceOptions(args.mode, args.overlap, args.blend, args.batch_size, precision,
                                data.get("train_scale") if isinstance(data.get("train_scale"), (int, float)) else None)
-    segmenter = Segmenter(model, cfg.model.image_size, options, device)
+    from mm.tasks.segmentation import seg_normalisation
+
+    mean, std = seg_normalisation(cfg)  # 0..1 units, None = SAM's
+    segmenter = Segmenter(model, cfg.model.image_size, options, device,
+                          *((tuple(255.0 * v for v in mean), tuple(255.0 * v for v in std)) if mean else ()))
     try:
         return _run(args, plans, segmenter, norm, rule, tables, single, kept, out, device, precision, cfg,
                     options)

@@ -398,10 +398,12 @@ def resize_like_sam(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device, torch.float32)
 
 
-def prepare_image(images: torch.Tensor, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def prepare_image(images: torch.Tensor, image_size: int, mean: tuple[float, ...] = PIXEL_MEAN,
+                  std: tuple[float, ...] = PIXEL_STD) -> tuple[torch.Tensor, tuple[int, int]]:
     """Model input from images in 0..255, (B, C, H, W) or (C, H, W) with C = 1 (grey, repeated) or 3:
     quantise to uint8 and resize the longest side to image_size as SAM does (resize_like_sam),
-    normalise with SAM's pixel mean/std, pad bottom/right with zeros (SAM pads after normalising).
+    normalise with SAM's pixel mean/std (or `mean`/`std`, in 0..255 units), pad bottom/right with zeros
+    (SAM pads after normalising).
     Returns (input, (h, w) after resizing)."""
     x = images[None] if images.dim() == 3 else images
     if x.shape[1] == 1:
@@ -410,9 +412,7 @@ def prepare_image(images: torch.Tensor, image_size: int) -> tuple[torch.Tensor, 
         raise ValueError(f"images need 1 or 3 channels, got {x.shape[1]}")
     h, w = resized_shape(x.shape[-2], x.shape[-1], image_size)
     x = resize_like_sam(x, (h, w)) if (h, w) != tuple(x.shape[-2:]) else x.float().round().clamp(0, 255)
-    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return F.pad(x, (0, image_size - w, 0, image_size - h)), (h, w)
 
 

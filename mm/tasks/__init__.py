@@ -15,9 +15,10 @@ from mm.tasks.filip import FilipTask
 from mm.tasks.structure import StructureTask
 from mm.tasks.structure_clip import StructureClipTask
 from mm.tasks.topolora_sam import TopoLoraSamTask
+from mm.tasks.unet import UnetTask
 
 TASKS: dict[str, type[TaskBase]] = {t.name: t for t in (ClipTask, FilipTask, StructureClipTask, StructureTask,
-                                                        TopoLoraSamTask)}
+                                                        TopoLoraSamTask, UnetTask)}
 
 
 def task_class(name: str) -> type[TaskBase]:

@@ -1,0 +1,166 @@
+"""Segmentation shared by the trainers on segmentation shards (topolora_sam, unet): the data section,
+the samples (`key.png|jpg` + `key.mask.png` + optional `key.fov.png`, augmented on the training split),
+the loader, the loss weights (BCE + soft Dice + soft clDice, mm.losses.segmentation) and validation
+(mm.metrics.segmentation at the model input resolution, inside the field of view).
+
+Images are resized (longest side to model.image_size) and padded as SAM does (mm.models.sam.prepare_image);
+the normalisation is SAM's pixel mean/std unless a task passes its own (`mean`/`std` in 0..1 units, as
+timm's pretrained configs give them)."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mm.config import DataConfig
+from mm.data.image_text import decode_image
+from mm.data.loader import Loader, SampleError
+from mm.data.streams import stream_from_config
+from mm.engine.task import ONE_RANK, World
+from mm.metrics.segmentation import pool_metrics, segmentation_metrics
+from mm.models.sam import prepare_image, prepare_mask
+
+# Image fields of a segmentation sample; `mask.png` and `fov.png` are separate fields of the same key.
+SEG_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class SegDataConfig(DataConfig):
+    """The shared data section plus the segmentation augmentation (training split only); images go to
+    the model at model.image_size."""
+
+    augment: bool = True  # random scale/crop and flips on the training split
+    crop_min: float = 0.6  # smallest crop side, as a fraction of the image side (1.0 = no crop)
+    hflip: bool = True
+    vflip: bool = True
+    color_jitter: float = 0.0  # brightness/contrast factors drawn from [1 - j, 1 + j]; 0 = off
+
+
+@dataclass
+class SegLossConfig:
+    bce: float = 1.0
+    dice: float = 1.0
+    cldice: float = 0.5
+    cldice_iters: int = 10
+
+
+def _decode_extra(raw: dict, key: str, kind: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(raw[key]))
+        image.load()
+        return image.convert("L")
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types for corrupt files
+        raise SampleError(f"undecodable_{kind}", f"{raw.get('__key__', '?')}: {e}") from None
+
+
+def augment(image: torch.Tensor, mask: torch.Tensor, fov: torch.Tensor, rng: random.Random,
+            cfg: SegDataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random crop (a random scale: the crop is resized to the model input later), flips and optional
+    colour jitter, all drawn from `rng` (the loader's per-sample generator, so a resumed run draws the
+    same). image (3, H, W) float 0..255; mask and fov (1, H, W)."""
+    h, w = image.shape[-2:]
+    if cfg.crop_min < 1.0:
+        ch = max(1, round(h * rng.uniform(cfg.crop_min, 1.0)))
+        cw = max(1, round(w * rng.uniform(cfg.crop_min, 1.0)))
+        top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        image, mask, fov = (t[..., top:top + ch, left:left + cw] for t in (image, mask, fov))
+    if cfg.hflip and rng.random() < 0.5:
+        image, mask, fov = (t.flip(-1) for t in (image, mask, fov))
+    if cfg.vflip and rng.random() < 0.5:
+        image, mask, fov = (t.flip(-2) for t in (image, mask, fov))
+    if cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        brightness, contrast = rng.uniform(1 - j, 1 + j), rng.uniform(1 - j, 1 + j)
+        mean = image.mean()
+        image = ((image - mean) * contrast + mean * brightness).clamp(0, 255)
+    return image, mask, fov
+
+
+def seg_sample_map(image_size: int, data: SegDataConfig | None = None, train: bool = False,
+                   mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+                   ) -> Callable[[dict, random.Random], dict[str, Any]]:
+    """Sample map for segmentation shards: {image (3,S,S) normalised, mask (1,S,S) 0/1, valid (1,S,S) 0/1,
+    key}. `valid` is the field of view (all ones without one) and 0 on the padding. Augmented when
+    `train` and data.augment. `mean`/`std` (0..1 units, None = SAM's pixel statistics) normalise the image."""
+    data = data or SegDataConfig()
+    norm = {} if mean is None else {"mean": tuple(255.0 * m for m in mean), "std": tuple(255.0 * s for s in std)}
+
+    def sample_map(raw: dict, rng: random.Random) -> dict[str, Any]:
+        key = raw.get("__key__", "?")
+        if "mask.png" not in raw:
+            raise SampleError("missing_mask", key)
+        image = decode_image(raw, SEG_IMAGE_KEYS, "RGB")
+        mask = _decode_extra(raw, "mask.png", "mask")
+        if mask.size != image.size:
+            raise SampleError("mask_size_mismatch", f"{key}: image {image.size}, mask {mask.size}")
+        fov = _decode_extra(raw, "fov.png", "fov") if "fov.png" in raw else None
+        if fov is not None and fov.size != image.size:
+            raise SampleError("fov_size_mismatch", f"{key}: image {image.size}, fov {fov.size}")
+        img = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
+        m = torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))[None]
+        v = (torch.from_numpy((np.asarray(fov) > 127).astype(np.float32))[None] if fov is not None
+             else torch.ones_like(m))
+        if train and data.augment:
+            img, m, v = augment(img, m, v, rng, data)
+        x, _ = prepare_image(img, image_size, **norm)
+        return {"image": x[0], "mask": prepare_mask(m, image_size)[0], "valid": prepare_mask(v, image_size)[0],
+                "key": key}
+
+    return sample_map
+
+
+def seg_normalisation(cfg: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(mean, std) in 0..1 units from cfg.model.mean/std when the model config has them and they are set;
+    (None, None) = SAM's pixel statistics."""
+    mean, std = getattr(cfg.model, "mean", None), getattr(cfg.model, "std", None)
+    return (tuple(mean), tuple(std)) if mean and std else (None, None)
+
+
+def seg_batches(cfg: Any, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
+    """The shared loader over segmentation shards (mm.data.streams): endless and shuffled for 'train',
+    one pass otherwise (every rank reads the whole val set)."""
+    mean, std = seg_normalisation(cfg)
+    sample_map = seg_sample_map(cfg.model.image_size, cfg.data, split == "train", mean, std)
+    return stream_from_config(cfg.data, split, sample_map, seed=cfg.train.seed, rank=world.rank,
+                              world_size=world.size, eval_batch_size=cfg.eval.batch_size, state=state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: torch.nn.Module, cfg: Any, threshold: float = 0.5
+                          ) -> dict[str, float]:
+    """Dice, clDice, IoU... of sigmoid(logits) > threshold on cfg.data.val, per image at the model input
+    resolution inside `valid` (FOV, padding excluded), pooled. Every rank evaluates the whole set.
+
+    These numbers are on resized images; `mm-segment --masks` measures at native resolution.
+    """
+    if not cfg.data.val:
+        return {}
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters())
+    per_image = []
+    for batch in seg_batches(cfg, "val"):
+        logits = model(batch["image"].to(p.device, p.dtype)).float().cpu()
+        pred = (logits.sigmoid() > threshold).numpy()
+        for pr, m, v in zip(pred, batch["mask"].numpy(), batch["valid"].numpy()):
+            per_image.append(segmentation_metrics(pr[0], m[0], v[0]))
+    model.train(was_training)
+    if not per_image:
+        return {}
+    pooled = pool_metrics(per_image)
+    out = {f"val/{k}": float(pooled[f"mean_{k}"])
+           for k in ("dice", "cldice", "iou", "precision", "recall", "betti0_error", "betti1_error", "hd95")}
+    out["val/global_dice"] = float(pooled["global_dice"])
+    out["val/n_images"] = float(pooled["n_images"])
+    return out
