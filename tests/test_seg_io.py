@@ -371,7 +371,7 @@ def test_cvc_and_drive_suffixes_and_one_shard_per_image(tmp_path, capsys):
 
 def test_task_records_the_shards_scale_and_normalisation(tmp_path):
     from mm.tasks import get_task
-    from mm.tasks.topolora_sam import data_provenance
+    from mm.tasks.segmentation import data_provenance
 
     (tmp_path / "img").mkdir()
     (tmp_path / "gt").mkdir()

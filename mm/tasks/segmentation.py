@@ -10,9 +10,11 @@ timm's pretrained configs give them)."""
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +26,10 @@ from mm.data.image_text import decode_image
 from mm.data.loader import Loader, SampleError
 from mm.data.streams import stream_from_config
 from mm.engine.task import ONE_RANK, World
+from mm.errors import UserError
 from mm.metrics.segmentation import pool_metrics, segmentation_metrics
 from mm.models.sam import prepare_image, prepare_mask
+from mm.tasks.base import TaskBase
 
 # Image fields of a segmentation sample; `mask.png` and `fov.png` are separate fields of the same key.
 SEG_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -164,3 +168,67 @@ def evaluate_segmentation(model: torch.nn.Module, cfg: Any, threshold: float = 0
     out["val/global_dice"] = float(pooled["global_dice"])
     out["val/n_images"] = float(pooled["n_images"])
     return out
+
+
+PROVENANCE_SAMPLES = 256  # training samples whose json is read for the export's data record
+
+
+def data_provenance(cfg: Any, limit: int = PROVENANCE_SAMPLES) -> dict[str, Any]:
+    """What mm-segment needs to see images as training saw them, from the json mm-shards writes with
+    each segmentation sample (up to `limit` samples of data.train): the normalisation (pixels were
+    normalised when the shards were written, so training applied it; mm-segment applies the same by
+    default) and the training scale, model.image_size / longest side of the source image (median;
+    random crops zoom in up to 1 / data.crop_min on top), which `mm-segment --mode auto` follows.
+    Empty for shards without such json (older shards, the synthetic worlds)."""
+    import tarfile
+
+    from mm.data.loader import expand_sources
+
+    norms: dict[str, dict] = {}
+    scales: list[float] = []
+    try:
+        urls = [u for src in expand_sources(cfg.data.train) for u in src]
+    except UserError:
+        return {}
+    for url in urls:
+        if len(scales) >= limit or not Path(url).is_file():
+            break
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if not member.name.endswith(".json") or len(scales) >= limit:
+                        continue
+                    meta = json.loads(tar.extractfile(member).read())
+                    if not isinstance(meta, dict) or "source_size" not in meta:
+                        continue
+                    norm = meta.get("normalisation") or {}
+                    norms[json.dumps(norm, sort_keys=True)] = norm
+                    scales.append(cfg.model.image_size / max(meta["source_size"]))
+        except (OSError, tarfile.TarError, ValueError):
+            continue
+    if not scales:
+        return {}
+    out: dict[str, Any] = {"train_scale": float(np.median(scales)), "scale_range": [min(scales), max(scales)],
+                           "samples_read": len(scales)}
+    if len(norms) == 1:
+        out["normalisation"] = next(iter(norms.values()))
+    else:  # shards written with different options: no single default for inference
+        out["normalisations"] = list(norms.values())
+    return out
+
+
+class SegmentationTask(TaskBase):
+    """What the segmentation trainers (TopoLoRA-SAM, U-Net) share: the seg shards loader, a loss module
+    `self.loss(logits, mask, valid)` and the validation metrics; subclasses build the model."""
+
+    loss: Callable
+
+    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
+        return seg_batches(self.cfg, split, world, state)
+
+    def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        logits = model(batch["image"])
+        return self.loss(logits, batch["mask"], batch["valid"])
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_segmentation(model, self.cfg)

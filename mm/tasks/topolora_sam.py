@@ -25,15 +25,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from mm import dist as mmdist
 from mm.config import RunConfig, TrainConfig
-from mm.data.loader import Loader
-from mm.engine.task import ONE_RANK, ExportPlan, World
+from mm.engine.task import ExportPlan
 from mm.errors import ConfigError, UserError
 from mm.losses.segmentation import SegLoss
 from mm.models.sam import (
@@ -44,12 +41,14 @@ from mm.models.sam import (
     trainable_parameter_report,
     trainable_state_keys,
 )
-from mm.tasks.base import TaskBase
 from mm.tasks.segmentation import (  # noqa: F401 -- re-exported: the shared pieces lived here
+    PROVENANCE_SAMPLES,
     SEG_IMAGE_KEYS,
     SegDataConfig,
     SegLossConfig,
+    SegmentationTask,
     augment,
+    data_provenance,
     evaluate_segmentation,
     seg_batches,
     seg_sample_map,
@@ -77,7 +76,7 @@ class TopoLoraRunConfig(RunConfig):
 # The task
 
 
-class TopoLoraSamTask(TaskBase):
+class TopoLoraSamTask(SegmentationTask):
     name = "topolora_sam"
     config_class = TopoLoraRunConfig
     headline = ("/dice", "/cldice", "/iou")
@@ -100,16 +99,6 @@ class TopoLoraSamTask(TaskBase):
                       flush=True)
             self._reported = True
         return model
-
-    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
-        return seg_batches(self.cfg, split, world, state)
-
-    def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        logits = model(batch["image"])
-        return self.loss(logits, batch["mask"], batch["valid"])
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        return evaluate_segmentation(model, self.cfg)
 
     def export_plan(self, model: torch.nn.Module) -> ExportPlan:
         cfg = self.cfg
@@ -145,53 +134,6 @@ class TopoLoraSamTask(TaskBase):
                                 f"the one it was trained on ({Path(base.get('path', '?')).name}, "
                                 f"sha256 {base['sha256'][:12]})")
         return model
-
-
-PROVENANCE_SAMPLES = 256  # training samples whose json is read for the export's data record
-
-
-def data_provenance(cfg: TopoLoraRunConfig, limit: int = PROVENANCE_SAMPLES) -> dict[str, Any]:
-    """What mm-segment needs to see images as training saw them, from the json mm-shards writes with
-    each segmentation sample (up to `limit` samples of data.train): the normalisation (pixels were
-    normalised when the shards were written, so training applied it; mm-segment applies the same by
-    default) and the training scale, model.image_size / longest side of the source image (median;
-    random crops zoom in up to 1 / data.crop_min on top), which `mm-segment --mode auto` follows.
-    Empty for shards without such json (older shards, the synthetic worlds)."""
-    import tarfile
-
-    from mm.data.loader import expand_sources
-
-    norms: dict[str, dict] = {}
-    scales: list[float] = []
-    try:
-        urls = [u for src in expand_sources(cfg.data.train) for u in src]
-    except UserError:
-        return {}
-    for url in urls:
-        if len(scales) >= limit or not Path(url).is_file():
-            break
-        try:
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if not member.name.endswith(".json") or len(scales) >= limit:
-                        continue
-                    meta = json.loads(tar.extractfile(member).read())
-                    if not isinstance(meta, dict) or "source_size" not in meta:
-                        continue
-                    norm = meta.get("normalisation") or {}
-                    norms[json.dumps(norm, sort_keys=True)] = norm
-                    scales.append(cfg.model.image_size / max(meta["source_size"]))
-        except (OSError, tarfile.TarError, ValueError):
-            continue
-    if not scales:
-        return {}
-    out: dict[str, Any] = {"train_scale": float(np.median(scales)), "scale_range": [min(scales), max(scales)],
-                           "samples_read": len(scales)}
-    if len(norms) == 1:
-        out["normalisation"] = next(iter(norms.values()))
-    else:  # shards written with different options: no single default for inference
-        out["normalisations"] = list(norms.values())
-    return out
 
 
 def export_kind(cfg: TopoLoraRunConfig) -> str:

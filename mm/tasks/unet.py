@@ -26,12 +26,10 @@ from torch import nn
 
 from mm import dist as mmdist
 from mm.config import RunConfig, TrainConfig
-from mm.data.loader import Loader
-from mm.engine.task import ONE_RANK, ExportPlan, World
+from mm.engine.task import ExportPlan
 from mm.errors import ConfigError, UserError
 from mm.losses.segmentation import SegLoss
-from mm.tasks.base import TaskBase
-from mm.tasks.segmentation import SegDataConfig, SegLossConfig, evaluate_segmentation, seg_batches
+from mm.tasks.segmentation import SegDataConfig, SegLossConfig, SegmentationTask, data_provenance
 
 KEY_MAPS = ("order", "name")
 
@@ -121,7 +119,7 @@ def load_encoder_weights(features: nn.Module, name: str, path: str | Path, key_m
     features.load_state_dict({k: source[k] for k in target})
 
 
-class UnetTask(TaskBase):
+class UnetTask(SegmentationTask):
     name = "unet"
     config_class = UnetRunConfig
     headline = ("/dice", "/cldice", "/iou")
@@ -150,20 +148,8 @@ class UnetTask(TaskBase):
             self._reported = True
         return model
 
-    def batches(self, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
-        return seg_batches(self.cfg, split, world, state)
-
-    def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        logits = model(batch["image"])
-        return self.loss(logits, batch["mask"], batch["valid"])
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        return evaluate_segmentation(model, self.cfg)
-
     def export_plan(self, model: torch.nn.Module) -> ExportPlan:
         """Every weight, with the shards' normalisation and training scale for `mm segment`, as
-        TopoLoRA-SAM records them (mm.tasks.topolora_sam.data_provenance)."""
-        from mm.tasks.topolora_sam import data_provenance
-
+        TopoLoRA-SAM records them (data_provenance)."""
         data = data_provenance(self.cfg)
         return ExportPlan(metadata={"mm_data": json.dumps(data, sort_keys=True)} if data else {})
