@@ -53,7 +53,8 @@ def test_sugarcrepe_accuracy_by_hand(tmp_path):
     res = evaluate(Stub(), tokenizer, preprocess, sugarcrepe=[str(tmp_path / "swap_att.json")],
                    images=str(tmp_path))
     # item 0: .9 > .1 right; 1: .2 < .5 wrong; 2: tie -> wrong; 3: .8 > .3 right
-    assert res["sugarcrepe"]["swap_att"] == {"acc": 0.5, "n": 4}
+    assert res["sugarcrepe"]["swap_att"] == {"acc": 0.5, "n": 4, "n_items": 4, "skipped": 0, "missing_images": 0,
+                                             "unreadable_images": 0}
 
 
 def test_aro_relation_macro_average_by_hand(tmp_path):

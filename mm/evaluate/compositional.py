@@ -19,6 +19,11 @@ VG-Attribution.
 * Synthetic shapes: for each shard sample's scene graph (json `scene_graph`, else the caption read by
   --parser), the true caption is the graph rendered, the false ones its relation swaps (shapes_relation)
   and attribute swaps (shapes_attribute) from mm.scenegraph; accuracy overall and per predicate.
+
+An item whose image file is missing or unreadable is skipped and counted (per file: `n` items scored,
+`skipped` left out, `n_items` in the file), so part of COCO val2017 is enough for SugarCrepe; only a
+file none of whose images can be read is an error. `--clip-benchmark-output` also writes each SugarCrepe
+file's result as CLIP_benchmark does (task image_caption_selection, dataset sugar_crepe/<type>).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class Item:
 # Scoring
 # ---------------------------------------------------------------------------------------------------
 
+class _ImageSkip(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind  # "missing" or "unreadable"
+
+
 def _load_image(item: Item, preprocess: Callable) -> torch.Tensor:
     if isinstance(item.image, torch.Tensor):
         return item.image
@@ -66,10 +77,11 @@ def _load_image(item: Item, preprocess: Callable) -> torch.Tensor:
             image.load()
             rgb = image.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"{item.image}: no such image (set --images to the folder the file names are in)") \
-            from None
+        raise _ImageSkip("missing", f"{item.image}: no such image (set --images to the folder the file names "
+                                    "are in)") from None
     except Exception as e:  # PIL raises many types for corrupt files
-        raise DataError(f"{item.image}: unreadable image ({type(e).__name__}: {e})") from None
+        raise _ImageSkip("unreadable", f"{item.image}: unreadable image ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if item.box is not None:
         x, y, w, h = item.box
         rgb = rgb.crop((int(x), int(y), int(x + w), int(y + h)))
@@ -79,11 +91,17 @@ def _load_image(item: Item, preprocess: Callable) -> torch.Tensor:
 @torch.no_grad()
 def score_items(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, items: Sequence[Item],
                 batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False,
-                parse: Callable[[str], Any] = parse_simple) -> torch.Tensor:
+                parse: Callable[[str], Any] = parse_simple, skipped: list | None = None,
+                progress: str | None = None) -> torch.Tensor:
     """(N, 2) cosine similarities: column 0 the true caption's, column 1 the false caption's.
 
     kee: captions through the model's encode_captions (Structure-CLIP's KEE), each with the triples of
-    its own graph as `parse` reads it, instead of encode_text."""
+    its own graph as `parse` reads it, instead of encode_text.
+    skipped: a list to collect (item index, kind, message) of items whose image is missing ("missing")
+    or cannot be decoded ("unreadable"); their rows are NaN. Without it such an item is a DataError.
+    progress: a progress bar with this label (on stderr when it is a terminal)."""
+    from tqdm import tqdm
+
     def encode(captions: list[str]) -> torch.Tensor:
         if kee:
             return model.encode_captions(captions, tokenizer, parse)
@@ -91,20 +109,34 @@ def score_items(model: torch.nn.Module, tokenizer: Callable, preprocess: Callabl
 
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(items), desc=progress, unit="item", file=sys.stderr, leave=False,
+               disable=progress is None or not sys.stderr.isatty())
     try:
         dtype = next(model.parameters(), torch.empty(0)).dtype
-        scores = []
+        scores = torch.full((len(items), 2), float("nan"))
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            image = torch.stack([_load_image(it, preprocess) for it in chunk]).to(device)
-            if image.is_floating_point():
-                image = image.to(dtype)
-            v = F.normalize(model.encode_image(image).float(), dim=-1)
-            t = F.normalize(encode([it.true_caption for it in chunk]).float(), dim=-1)
-            f = F.normalize(encode([it.false_caption for it in chunk]).float(), dim=-1)
-            scores.append(torch.stack([(v * t).sum(-1), (v * f).sum(-1)], 1).cpu())
-        return torch.cat(scores) if scores else torch.zeros(0, 2)
+            chunk, images, rows = items[start:start + batch_size], [], []
+            for i, it in enumerate(chunk, start):
+                try:
+                    images.append(_load_image(it, preprocess))
+                    rows.append(i)
+                except _ImageSkip as e:
+                    if skipped is None:
+                        raise DataError(str(e)) from None
+                    skipped.append((i, e.kind, str(e)))
+            if rows:
+                kept = [items[i] for i in rows]
+                image = torch.stack(images).to(device)
+                if image.is_floating_point():
+                    image = image.to(dtype)
+                v = F.normalize(model.encode_image(image).float(), dim=-1)
+                t = F.normalize(encode([it.true_caption for it in kept]).float(), dim=-1)
+                f = F.normalize(encode([it.false_caption for it in kept]).float(), dim=-1)
+                scores[rows] = torch.stack([(v * t).sum(-1), (v * f).sum(-1)], 1).cpu()
+            bar.update(len(chunk))
+        return scores
     finally:
+        bar.close()
         model.train(was_training)
 
 
@@ -124,6 +156,13 @@ def group_accuracy(items: Sequence[Item], hits: torch.Tensor) -> dict[str, dict[
 
 def _summary(items: Sequence[Item], hits: torch.Tensor) -> dict[str, Any]:
     return {"acc": float(hits.float().mean()) if len(hits) else float("nan"), "n": len(items)}
+
+
+def _counts(n_items: int, skipped: list) -> dict[str, int]:
+    """Item counts of one file: scored (`n`), in the file, skipped, and skipped by kind."""
+    kinds = [kind for _, kind, _ in skipped]
+    return {"n": n_items - len(skipped), "n_items": n_items, "skipped": len(skipped),
+            "missing_images": kinds.count("missing"), "unreadable_images": kinds.count("unreadable")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,32 +281,54 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, 
              sugarcrepe: Iterable[str] = (), aro_relation: str | None = None, aro_attribute: str | None = None,
              images: str | None = None, synthetic_shapes: str | None = None, min_pair_items: int = 25,
              batch_size: int = 64, device: torch.device | str = "cpu", kee: bool = False,
-             parse: Callable[[str], Any] = parse_simple) -> dict[str, Any]:
-    """Metrics per benchmark: sugarcrepe {type: {acc, n}}; vg_relation {acc (macro over relations),
-    micro_acc, n, n_groups, per_relation}; vg_attribution {acc (mean over pairs with >= min_pair_items),
-    micro_acc, n, n_groups, per_pair}; shapes_relation / shapes_attribute {acc, n, per_predicate}.
+             parse: Callable[[str], Any] = parse_simple, skipped_images: list | None = None) -> dict[str, Any]:
+    """Metrics per benchmark: sugarcrepe {type: {acc, n, ...counts}}; vg_relation {acc (macro over
+    relations), micro_acc, n, ...counts, n_groups, per_relation}; vg_attribution {acc (mean over pairs
+    with >= min_pair_items), micro_acc, n, ...counts, n_groups, per_pair}; shapes_relation /
+    shapes_attribute {acc, n, per_predicate}. Counts of a file (see `_counts`): `n` items scored,
+    `n_items` in the file, `skipped` (missing_images + unreadable_images); skipped items are left out of
+    every accuracy, and `skipped_images` (a list, if given) collects {file, image, reason} of each.
     kee: score captions with the model's encode_captions (Structure-CLIP's KEE).
     parse: caption -> scene graph, for --kee triples and shapes samples without a json graph."""
     if kee and not hasattr(model, "encode_captions"):
         raise UserError("--kee needs a Structure-CLIP model (one with the Knowledge-Enhanced Encoder)")
 
-    def run(items: list[Item]) -> torch.Tensor:
-        return correct(score_items(model, tokenizer, preprocess, items, batch_size, device, kee, parse))
+    def run(items: list[Item], label: str) -> torch.Tensor:
+        return correct(score_items(model, tokenizer, preprocess, items, batch_size, device, kee, parse,
+                                   progress=label))
+
+    def run_file(path: str, items: list[Item]) -> tuple[list[Item], torch.Tensor, dict[str, int]]:
+        """The items of one file whose images could be read, their hits and the file's item counts."""
+        skipped: list = []
+        scores = score_items(model, tokenizer, preprocess, items, batch_size, device, kee, parse,
+                             skipped=skipped, progress=Path(path).name)
+        counts = _counts(len(items), skipped)
+        if skipped:
+            first = skipped[0][2]
+            if not counts["n"]:
+                raise DataError(f"{path}: none of its {len(items)} items has a readable image (first: {first})")
+            print(f"warning: {path}: {len(skipped)} of {len(items)} items skipped "
+                  f"({counts['missing_images']} images missing, {counts['unreadable_images']} unreadable; "
+                  f"first: {first})", file=sys.stderr)
+            if skipped_images is not None:
+                skipped_images.extend({"file": str(path), "image": str(items[i].image), "reason": kind}
+                                      for i, kind, _ in skipped)
+        gone = {i for i, _, _ in skipped}
+        keep = [i for i in range(len(items)) if i not in gone]
+        return [items[i] for i in keep], correct(scores[keep]), counts
 
     results: dict[str, Any] = {}
     for path in sugarcrepe:
-        items = sugarcrepe_items(path, images)
-        hits = run(items)
-        results.setdefault("sugarcrepe", {})[Path(path).stem] = _summary(items, hits)
+        items, hits, counts = run_file(path, sugarcrepe_items(path, images))
+        results.setdefault("sugarcrepe", {})[Path(path).stem] = {**_summary(items, hits), **counts}
     for name, path, kind, min_items in (("vg_relation", aro_relation, "relation", 0),
                                         ("vg_attribution", aro_attribute, "attribute", min_pair_items)):
         if not path:
             continue
-        items = aro_items(path, images, kind)
-        hits = run(items)
+        items, hits, counts = run_file(path, aro_items(path, images, kind))
         per_group = group_accuracy(items, hits)
         acc, n_groups = macro_average(per_group, min_items)
-        results[name] = {"acc": acc, "micro_acc": _summary(items, hits)["acc"], "n": len(items),
+        results[name] = {"acc": acc, "micro_acc": _summary(items, hits)["acc"], **counts,
                          "n_groups": n_groups, "min_group_items": min_items,
                          ("per_relation" if kind == "relation" else "per_pair"): per_group}
     if synthetic_shapes:
@@ -275,34 +336,38 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, 
         if not n_images:
             raise DataError(f"{synthetic_shapes}: no readable samples")
         for name, items in (("shapes_relation", relation), ("shapes_attribute", attribute)):
-            hits = run(items) if items else torch.zeros(0, dtype=torch.bool)
+            hits = run(items, name) if items else torch.zeros(0, dtype=torch.bool)
             results[name] = {**_summary(items, hits), "n_images": n_images,
                              "per_predicate": group_accuracy(items, hits) if name == "shapes_relation" else {}}
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("benchmark", "subset", "n", "accuracy")]
+    rows = [("benchmark", "subset", "n", "skipped", "accuracy")]
 
     def fmt(acc: float) -> str:
         return "n/a" if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f"{acc:.3f}"
 
+    def skipped(r: dict) -> str:
+        return str(r.get("skipped", 0))
+
     for kind, res in results.get("sugarcrepe", {}).items():
-        rows.append(("sugarcrepe", kind, str(res["n"]), fmt(res["acc"])))
+        rows.append(("sugarcrepe", kind, str(res["n"]), skipped(res), fmt(res["acc"])))
     if "vg_relation" in results:
         r = results["vg_relation"]
-        rows.append(("vg_relation", f"macro over {r['n_groups']} relations", str(r["n"]), fmt(r["acc"])))
+        rows.append(("vg_relation", f"macro over {r['n_groups']} relations", str(r["n"]), skipped(r),
+                     fmt(r["acc"])))
     if "vg_attribution" in results:
         r = results["vg_attribution"]
         rows.append(("vg_attribution", f"mean over {r['n_groups']} pairs >= {r['min_group_items']}",
-                     str(r["n"]), fmt(r["acc"])))
+                     str(r["n"]), skipped(r), fmt(r["acc"])))
     for name in ("shapes_relation", "shapes_attribute"):
         if name in results:
             r = results[name]
-            rows.append((name, "all", str(r["n"]), fmt(r["acc"])))
+            rows.append((name, "all", str(r["n"]), "0", fmt(r["acc"])))
             for group, g in r.get("per_predicate", {}).items():
-                rows.append((name, group, str(g["n"]), fmt(g["acc"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+                rows.append((name, group, str(g["n"]), "0", fmt(g["acc"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
@@ -335,8 +400,48 @@ def build_parser() -> argparse.ArgumentParser:
                         "en_core_web_sm is installed, as Structure-CLIP's loss.parser)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--clip-benchmark-output", metavar="TEMPLATE",
+                   help="also write each --sugarcrepe file's result as CLIP_benchmark's JSON (task "
+                        "image_caption_selection, dataset sugar_crepe/<type>), to this path with {dataset}, "
+                        "{model}, {pretrained}, {task} and {language} filled in as CLIP_benchmark's --output "
+                        "does, e.g. 'results/{dataset}_{task}.json'")
     add_debug(p)
     return p
+
+
+CLIP_BENCHMARK_FIELDS = ("dataset", "model", "pretrained", "pretrained_full_path", "task", "language")
+
+
+def clip_benchmark_paths(template: str, sugarcrepe: Sequence[str], model: str, pretrained: str) -> dict[str, str]:
+    """{SugarCrepe file: output path} from a CLIP_benchmark-style --output template (checked writable,
+    one distinct path per file). {dataset} is sugar_crepe_<type>, {pretrained} the weights' file name."""
+    if not sugarcrepe:
+        raise UserError("--clip-benchmark-output: CLIP_benchmark's form is written for --sugarcrepe files; give one")
+    paths = {}
+    for path in sugarcrepe:
+        fields = {"dataset": f"sugar_crepe_{Path(path).stem}", "model": model,
+                  "pretrained": Path(pretrained).name, "pretrained_full_path": pretrained.replace("/", "_"),
+                  "task": "image_caption_selection", "language": "en"}
+        try:
+            paths[path] = template.format(**fields)
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"--clip-benchmark-output {template!r}: not a template of "
+                            f"{', '.join('{' + f + '}' for f in CLIP_BENCHMARK_FIELDS)} ({type(e).__name__}: {e})") \
+                from None
+    if len(set(paths.values())) < len(paths):
+        raise UserError(f"--clip-benchmark-output {template!r}: every --sugarcrepe file would be written to the same "
+                        "path; put {dataset} in it")
+    for out in paths.values():
+        check_output_file(out, "--clip-benchmark-output")
+    return paths
+
+
+def clip_benchmark_record(kind: str, result: dict[str, Any], model: str, pretrained: str) -> dict[str, Any]:
+    """One SugarCrepe type's result in CLIP_benchmark's image_caption_selection form (`clip_benchmark
+    build` reads it), with the item counts beside it."""
+    return {"dataset": f"sugar_crepe/{kind}", "model": model, "pretrained": pretrained,
+            "task": "image_caption_selection", "metrics": {"acc": result["acc"]}, "language": "en",
+            "n_items": result["n_items"], "n_scored": result["n"], "skipped_images": result["skipped"]}
 
 
 @cli_main
@@ -355,22 +460,29 @@ def main(argv: list[str] | None = None) -> int:
     from mm.evaluate.models import load_eval_model
 
     loaded = load_eval_model(args)
+    cb_paths = (clip_benchmark_paths(args.clip_benchmark_output, args.sugarcrepe, loaded.name, loaded.source)
+                if args.clip_benchmark_output else {})
+    skipped_images: list[dict] = []
     results = evaluate(loaded.model, loaded.tokenizer, loaded.preprocess,
                        sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
                        aro_attribute=args.aro_attribute, images=args.images,
                        synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
                        batch_size=args.batch_size, kee=args.kee,
-                       parse=caption_parser(parser) if parser else parse_simple)
+                       parse=caption_parser(parser) if parser else parse_simple, skipped_images=skipped_images)
     record = {"checkpoint": loaded.source, "model_task": loaded.task,
               "model": loaded.name, "task": "compositional",
               "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee
                           else "cosine(encode_image, encode_text)")
               + "; correct = true caption strictly higher",
               "parser": parser_text,
-              "results": results}
+              "results": results, "skipped_images": len(skipped_images), "skipped": skipped_images[:1000]}
     text = json.dumps(record)
     if args.output:
         write_text_atomic(args.output, text + "\n", announce="--output")
+    for path, out in cb_paths.items():
+        cb_record = clip_benchmark_record(Path(path).stem, results["sugarcrepe"][Path(path).stem], loaded.name,
+                                          loaded.source)
+        write_text_atomic(out, json.dumps(cb_record) + "\n", announce="--clip-benchmark-output")
     print(f"compositional {loaded.task} ({loaded.source})")
     if parser:
         parsed = [what for what, on in (("shapes samples without a json scene graph", args.synthetic_shapes),

@@ -2,6 +2,11 @@
 a CSV or JSONL list (image path + label). Both are small torch Datasets read through a plain torch
 DataLoader with the model's preprocess; batches are {"image", "label"} like the shared loader's.
 
+CLIP_benchmark's WebDataset sets are read as they are published: a root with classnames.txt,
+zeroshot_classification_templates.txt ('{c}' for the class name), dataset_type.txt and
+`{split}/nshards.txt` next to `{split}/0.tar, 1.tar, ...`; samples hold a webp/png/jpg image and a
+`.cls` integer label (classification) or a `.txt` with one caption per line (retrieval).
+
 Unreadable images are not fatal: a sample that fails to decode comes back as {"bad": (path, reason)},
 `collate` sets such samples aside in the batch's "bad" list, and `SkipUnreadable` reports and counts
 them while passing only the good images on.
@@ -11,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +36,12 @@ LABEL_FIELDS = ("label",)
 
 
 def dataset_kind(data: str) -> str:
-    """'folder' for a directory, 'list' for a .csv/.jsonl file, otherwise 'shards'."""
+    """'clip_benchmark' for a CLIP_benchmark WebDataset root, 'folder' for another directory, 'list' for
+    a .csv/.jsonl file, otherwise 'shards'."""
     if not data.strip():
         raise UserError("--data is empty: give shards, an image folder or a .csv/.jsonl list")
+    if is_clip_benchmark_root(data):
+        return "clip_benchmark"
     if Path(data).is_dir():
         return "folder"
     if data.lower().endswith(LIST_SUFFIXES):
@@ -227,3 +237,153 @@ def build_dataset(data: str, preprocess: Callable, classnames: list[str] | None)
             raise UserError(f"{data}: a list needs --classnames")
         return ListDataset(data, preprocess, classnames)
     raise UserError(f"{data}: not an image folder or a .csv/.jsonl list")
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP_benchmark WebDataset sets
+# ---------------------------------------------------------------------------------------------------
+
+CLIP_BENCHMARK_TASKS = {"zeroshot_classification": ("classification",), "zeroshot_retrieval": ("retrieval",)}
+
+
+def is_clip_benchmark_root(data: str | Path) -> bool:
+    """A directory laid out as CLIP_benchmark's WebDataset sets: a `<split>/nshards.txt`, or the
+    dataset_type.txt / templates file at its top. (classnames.txt alone does not count: an image folder
+    may carry one.)"""
+    root = Path(data)
+    if not root.is_dir():
+        return False
+    return ((root / "dataset_type.txt").is_file() or (root / "zeroshot_classification_templates.txt").is_file()
+            or any(p.is_file() for p in root.glob("*/nshards.txt")))
+
+
+@dataclass
+class ClipBenchmarkSet:
+    """One split of a CLIP_benchmark WebDataset root, as read from its text files."""
+
+    root: str
+    split: str
+    dataset_type: str  # classification, retrieval or multilabel (dataset_type.txt; classification if absent)
+    shards: list[str]
+    classnames: list[str] | None  # classnames.txt, if present
+    templates: list[str] | None  # zeroshot_classification_templates.txt with '{c}' written as '{}'
+
+    @property
+    def urls(self) -> str:
+        """The shards as one brace pattern for the shared loader."""
+        return str(Path(self.root) / self.split / f"{{0..{len(self.shards) - 1}}}.tar")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _benchmark_classnames(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in _read_text(path).splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise UserError(f"{path}: empty")
+    if "" in names:  # a label is a line number: a blank line in the middle would shift the classes after it
+        raise DataError(f"{path}:{names.index('') + 1}: blank line among the class names")
+    return names
+
+
+def _benchmark_templates(path: Path) -> list[str] | None:
+    from mm.data.classnames import template_strings
+
+    if not path.is_file():
+        return None
+    lines = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{path}: empty")
+    # CLIP_benchmark fills templates with str.format(c=name); mm fills '{}'.
+    try:
+        return template_strings([t.replace("{c}", "{}") for t in lines])
+    except UserError as e:
+        raise UserError(f"{path}: {str(e).removeprefix('templates: ')} (CLIP_benchmark writes the class name "
+                        "as '{c}')") from None
+
+
+def read_clip_benchmark_root(root: str | Path, split: str = "test") -> ClipBenchmarkSet:
+    """The split of a CLIP_benchmark WebDataset root: its shards (all present, checked here), dataset
+    type, class names and templates. A missing split, a bad nshards.txt or a missing shard is a
+    one-line UserError naming the file."""
+    root = Path(root)
+    nshards_file = root / split / "nshards.txt"
+    if not nshards_file.is_file():
+        splits = sorted(p.parent.name for p in root.glob("*/nshards.txt"))
+        found = f"splits here: {', '.join(splits)}" if splits else "no <split>/nshards.txt at all"
+        raise UserError(f"{root}: no split {split!r} ({nshards_file} missing; {found})")
+    text = _read_text(nshards_file).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{nshards_file}: {text!r} is not a number of shards (>= 1)")
+    shards = [str(root / split / f"{i}.tar") for i in range(int(text))]
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: no such shard ({len(missing)} of the {len(shards)} shards that "
+                        f"{nshards_file} announces are missing)")
+    type_file = root / "dataset_type.txt"
+    dataset_type = _read_text(type_file).strip().lower() if type_file.is_file() else "classification"
+    return ClipBenchmarkSet(str(root), split, dataset_type or "classification", shards,
+                            _benchmark_classnames(root / "classnames.txt"),
+                            _benchmark_templates(root / "zeroshot_classification_templates.txt"))
+
+
+def clip_benchmark_set(data: str, split: str | None, task: str) -> ClipBenchmarkSet | None:
+    """The CLIP_benchmark set --data names for `task` (zeroshot_classification or zeroshot_retrieval),
+    or None when --data is not such a root (then --split must not be given). A set of the other kind
+    is a UserError saying which command reads it."""
+    if not is_clip_benchmark_root(data):
+        if split is not None:
+            raise UserError(f"--split {split}: only for a CLIP_benchmark root (a folder with <split>/nshards.txt); "
+                            f"{data} is not one")
+        return None
+    cb = read_clip_benchmark_root(data, split or "test")
+    if cb.dataset_type not in CLIP_BENCHMARK_TASKS[task]:
+        other = {"retrieval": "mm retrieval", "classification": "mm zeroshot"}.get(cb.dataset_type)
+        use = f"; use {other}" if other else ""
+        raise UserError(f"{data}: a CLIP_benchmark {cb.dataset_type} set (dataset_type.txt), not one for "
+                        f"{task}{use}")
+    return cb
+
+
+def cls_label(raw: dict) -> int:
+    """The integer label of a raw sample's `.cls` field (CLIP_benchmark's classification shards)."""
+    from mm.data.loader import SampleError
+
+    value = raw.get("cls")
+    if value is None:
+        raise SampleError("missing_label", raw.get("__key__", "?"))
+    text = value.decode("utf-8", "replace").strip() if isinstance(value, bytes) else str(value).strip()
+    label = _int_label(text)
+    if label is None:
+        raise SampleError("bad_label", f"{raw.get('__key__', '?')}: .cls {text[:40]!r}")
+    return label
+
+
+def cls_shard_batches(preprocess: Callable, urls: str, n_classes: int, batch_size: int = 64,
+                      num_workers: int = 0) -> Any:
+    """One pass in order over shards with `.cls` labels through the shared loader: batches with `image`
+    and `label`. Undecodable images and unusable labels are skipped and counted (`bad_counts`); a label
+    outside the class list is a DataError naming the shard."""
+    from mm.data.image_text import decode_image
+    from mm.data.loader import Loader, StreamSpec, default_collate
+
+    def sample_map(raw: dict, rng: random.Random) -> dict:
+        label = cls_label(raw)
+        if not 0 <= label < n_classes:
+            raise DataError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')} has label {label}, "
+                            f"outside the {n_classes} class names")
+        return {"image": preprocess(decode_image(raw)), "label": torch.tensor(label), "key": raw["__key__"]}
+
+    spec = StreamSpec(urls=urls, sample_map=sample_map, collate=default_collate, batch_size=batch_size,
+                      num_workers=num_workers, shuffle_buffer=0, repeat=False, drop_last=False)
+    return Loader(spec)

@@ -1,7 +1,9 @@
 """mm-retrieval: image->text and text->image recall@k of an exported model on image-text shards.
 
 Every image is in the gallery once; its captions are the json `captions` list (as `mm-shards coco`
-writes it) or else its txt caption, and every one of them counts as correct (CLIP_benchmark protocol).
+writes it) or else the lines of its txt (one caption per line, as CLIP_benchmark's retrieval shards
+hold them), and every one of them counts as correct (CLIP_benchmark protocol). --data may also be a
+CLIP_benchmark WebDataset root (dataset_type.txt `retrieval`, `<split>/nshards.txt`, `<split>/N.tar`).
 `--scoring tokenwise` ranks with FILIP's token-wise similarities (s^I for image queries, s^T for caption
 queries) instead of the cosine of pooled embeddings.
 """
@@ -26,7 +28,8 @@ from mm.evaluate.models import add_model_arguments
 
 
 def captions_map(preprocess: Callable) -> Callable[[dict, random.Random], dict[str, Any]]:
-    """Sample map: {image, captions (list of str)}; a sample without any caption is skipped and counted."""
+    """Sample map: {image, captions (list of str)}: the json `captions`, else every non-blank line of the
+    txt; a sample without any caption is skipped and counted."""
     from mm.data.image_text import decode_image, decode_json
     from mm.data.loader import SampleError
 
@@ -35,7 +38,7 @@ def captions_map(preprocess: Callable) -> Callable[[dict, random.Random], dict[s
         captions = meta.get("captions")
         if not (isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions)):
             txt = raw.get("txt")
-            captions = [txt.decode("utf-8", "replace").strip()] if txt is not None else []
+            captions = txt.decode("utf-8", "replace").splitlines() if txt is not None else []
         captions = [c.strip() for c in captions if c.strip()]
         if not captions:
             raise SampleError("missing_caption", raw.get("__key__", "?"))
@@ -132,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "gallery, all its captions correct) of an exported model on image-text shards.")
     add_model_arguments(p)
     p.add_argument("--data", required=True,
-                   help="WebDataset shards; captions from json 'captions' (mm-shards coco) or else the txt")
+                   help="WebDataset shards (captions from json 'captions' as mm-shards coco writes them, else one "
+                        "per line of the txt) or a CLIP_benchmark WebDataset root (<split>/nshards.txt, "
+                        "<split>/0.tar ...)")
+    p.add_argument("--split", default=None, help="the split of a CLIP_benchmark root (default test)")
     p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
                    help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
                         "similarities (FILIP exports only)")
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tqdm import tqdm
 
+    from mm.evaluate.datasets import clip_benchmark_set
     from mm.evaluate.models import load_eval_model
     from mm.metrics.retrieval import recall_from_scores, retrieval_recall
 
@@ -163,16 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    cb = clip_benchmark_set(args.data, args.split, "zeroshot_retrieval")
     if args.output:
         check_output_file(args.output, "--output")
     loaded = load_eval_model(args)
     from mm.data.loader import check_local_shards
 
-    check_local_shards(args.data, "--data")
+    urls = cb.urls if cb is not None else args.data
+    check_local_shards(urls, "--data")
     model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
     if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
         raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
-    loader = retrieval_batches(preprocess, args.data, args.batch_size, args.workers)
+    loader = retrieval_batches(preprocess, urls, args.batch_size, args.workers)
     batches = tqdm(loader, desc="retrieval", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty(),
                    leave=False)
     if args.scoring == "tokenwise":
@@ -185,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {"dataset": args.data, "model": loaded.name,
               "pretrained": loaded.source, "checkpoint": loaded.source,
               "task": "zeroshot_retrieval", "model_task": loaded.task, "scoring": args.scoring,
-              "metrics": metrics, "ks": list(ks), "batch_size": args.batch_size,
+              "metrics": metrics, "language": "en", "ks": list(ks), "batch_size": args.batch_size,
               "captions_per_image": n_texts / max(1, n_images)}
+    if cb is not None:
+        record.update(dataset_type="clip_benchmark", split=cb.split, n_shards=len(cb.shards))
     bad = loader.bad_counts
     if bad:
         record["bad_samples"] = bad

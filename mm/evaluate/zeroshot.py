@@ -1,7 +1,8 @@
 """mm-zeroshot: zero-shot classification of labelled images with an exported model.
 
---data is labelled WebDataset shards (json `label`), an image folder with one sub-folder per class,
-or a .csv/.jsonl list of image paths and labels (see mm/evaluate/datasets.py).
+--data is labelled WebDataset shards (json `label`), a CLIP_benchmark WebDataset root (its class names
+and templates, `.cls` labels), an image folder with one sub-folder per class, or a .csv/.jsonl list of
+image paths and labels (see mm/evaluate/datasets.py).
 """
 
 from __future__ import annotations
@@ -26,16 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "logits 100 x cos) of an exported model (runs/<name>/export/model.safetensors).")
     add_model_arguments(p)
     p.add_argument("--data", required=True,
-                   help="a directory: image folder, one sub-folder per class; a .csv/.jsonl file: list with "
-                        "an image path column (filepath/image) and a label (int or class name); anything "
-                        "else: WebDataset shards whose json carries an int 'label'")
+                   help="a CLIP_benchmark WebDataset root (classnames.txt, zeroshot_classification_templates.txt, "
+                        "<split>/nshards.txt, <split>/0.tar ...); another directory: image folder, one sub-folder "
+                        "per class; a .csv/.jsonl file: list with an image path column (filepath/image) and a "
+                        "label (int or class name); anything else: WebDataset shards whose json carries an int "
+                        "'label'")
+    p.add_argument("--split", default=None,
+                   help="the split of a CLIP_benchmark root (default test)")
     p.add_argument("--classnames", default=None,
                    help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one name per line "
-                        "(default: the folder names for an image folder, else shapes)")
+                        "(default: a CLIP_benchmark root's classnames.txt, the folder names for an image "
+                        "folder, else shapes)")
     p.add_argument("--templates", default=None,
                    help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one template with {} "
-                        "per line (default: the built-in set named by --classnames if there is one, else "
-                        "shapes)")
+                        "per line (default: a CLIP_benchmark root's zeroshot_classification_templates.txt, else "
+                        "the built-in set named by --classnames if there is one, else shapes)")
     p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
                    help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
                         "late-interaction score, averaged over templates (FILIP models)")
@@ -90,16 +96,46 @@ def write_confusion_png(matrix: Any, classnames: list[str], path: str, title: st
     plt.close(fig)
 
 
+def clip_benchmark_prompts(cb: Any, args: argparse.Namespace) -> tuple[list[str], list[str], str, str]:
+    """(class names, templates, where each came from) for a CLIP_benchmark set: the root's own files
+    unless --classnames / --templates override them."""
+    from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
+
+    if args.classnames is not None:
+        classnames, classnames_from = load_classnames(args.classnames), args.classnames
+    elif cb.classnames is not None:
+        classnames, classnames_from = cb.classnames, str(Path(cb.root) / "classnames.txt")
+    else:
+        raise UserError(f"{cb.root}: no classnames.txt; give --classnames")
+    if args.templates is not None:
+        templates, templates_from = load_templates(args.templates), args.templates
+    elif cb.templates is not None:
+        templates, templates_from = cb.templates, str(Path(cb.root) / "zeroshot_classification_templates.txt")
+    elif args.classnames in BUILTIN_TEMPLATES:
+        templates, templates_from = load_templates(args.classnames), args.classnames
+    else:
+        raise UserError(f"{cb.root}: no zeroshot_classification_templates.txt; give --templates")
+    return classnames, templates, classnames_from, templates_from
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
     from mm.data.streams import labelled_shard_batches
-    from mm.evaluate.datasets import SkipUnreadable, build_dataset, dataset_kind, image_label_loader
+    from mm.evaluate.datasets import (
+        SkipUnreadable,
+        build_dataset,
+        clip_benchmark_set,
+        cls_shard_batches,
+        dataset_kind,
+        image_label_loader,
+    )
     from mm.evaluate.models import load_eval_model
     from mm.metrics.zeroshot import SCORINGS, classification_metrics, confusion_matrix
 
+    cb = clip_benchmark_set(args.data, args.split, "zeroshot_classification")
     kind = dataset_kind(args.data)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -108,12 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     for option, path in (("--output", args.output), ("--confusion", args.confusion)):
         if path:
             check_output_file(path, option)
-    if args.classnames is None and kind != "folder":
-        args.classnames = "shapes"
-    classnames = load_classnames(args.classnames) if args.classnames is not None else None
-    if args.templates is None:
-        args.templates = args.classnames if args.classnames in BUILTIN_TEMPLATES else "shapes"
-    templates = load_templates(args.templates)
+    if cb is not None:
+        classnames, templates, classnames_from, templates_from = clip_benchmark_prompts(cb, args)
+    else:
+        if args.classnames is None and kind != "folder":
+            args.classnames = "shapes"
+        classnames = load_classnames(args.classnames) if args.classnames is not None else None
+        if args.templates is None:
+            args.templates = args.classnames if args.classnames in BUILTIN_TEMPLATES else "shapes"
+        templates = load_templates(args.templates)
+        classnames_from, templates_from = args.classnames or "folder names", args.templates
     loaded = load_eval_model(args)
     if kind == "shards":
         from mm.data.loader import check_local_shards
@@ -124,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
 
     label_mapping, ignored = "shard_json_label", []
-    if kind == "shards":
+    if kind == "clip_benchmark":
+        label_mapping = "shard_cls_label"
+        batches = SkipUnreadable(cls_shard_batches(preprocess, cb.urls, len(classnames), args.batch_size,
+                                                   args.workers))
+    elif kind == "shards":
         batches = SkipUnreadable(labelled_shard_batches(preprocess, tokenizer, args.data, len(classnames),
                                                         args.batch_size, args.workers))
     else:
@@ -137,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = classification_metrics(logits, labels, len(classnames))
     metrics["n_images"] = float(len(labels))
     skipped = list(batches.skipped)
-    if kind == "shards":  # the shared loader skips corrupt samples itself and counts them per kind
+    if kind in ("shards", "clip_benchmark"):  # the shared loader skips corrupt samples and counts them per kind
         bad = batches.batches.bad_counts
         skipped_count = int(bad.get("total", 0))
     else:
@@ -145,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     record = {"dataset": args.data, "dataset_type": kind, "model": loaded.name,
               "pretrained": loaded.source, "checkpoint": loaded.source,
               "task": "zeroshot_classification", "model_task": loaded.task, "metrics": metrics,
-              "scoring": args.scoring, "classnames": args.classnames or "folder names",
-              "templates": args.templates, "n_classes": len(classnames), "n_templates": len(templates),
+              "language": "en", "scoring": args.scoring, "classnames": classnames_from,
+              "templates": templates_from, "n_classes": len(classnames), "n_templates": len(templates),
               "label_mapping": label_mapping, "batch_size": args.batch_size,
               "chance": 1.0 / len(classnames), "skipped_images": skipped_count,
               "skipped": [{"path": p, "reason": r} for p, r in skipped[:1000]],
               "ignored_files": len(ignored)}
+    if cb is not None:
+        record.update(split=cb.split, n_shards=len(cb.shards))
     if bad:
         record["bad_samples"] = bad
     if args.confusion:
