@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -72,3 +73,25 @@ def test_aro_relation_macro_average_by_hand(tmp_path):
     assert abs(res["vg_relation"]["micro_acc"] - 0.6) < 1e-6
     # only the red|blue pair has >= 3 items
     assert res["vg_attribution"]["n_groups"] == 1 and abs(res["vg_attribution"]["acc"] - 2 / 3) < 1e-6
+
+
+def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
+    """Part of the images present: the items of the others are left out of every accuracy and counted
+    per file; the per-relation macro average is over the scored items."""
+    _images(tmp_path)
+    (tmp_path / "1.png").unlink()
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    items = [("on", 0), ("on", 1), ("on", 3), ("under", 2), ("under", 3)]
+    data = [{"image_path": f"{i}.png", "true_caption": f"t{i}", "false_caption": f"f{i}", "relation": r}
+            for r, i in items]
+    (tmp_path / "rel.json").write_text(json.dumps(data))
+    skipped = []
+    res = evaluate(Stub(), tokenizer, preprocess, aro_relation=str(tmp_path / "rel.json"), images=str(tmp_path),
+                   skipped_images=skipped)["vg_relation"]
+    # scored: item 0 (on, right) and item 3 (under, tie -> wrong)
+    counts = (res["n"], res["n_items"], res["skipped"], res["missing_images"], res["unreadable_images"])
+    assert counts == (2, 5, 3, 1, 2)
+    assert res["per_relation"] == {"on": {"acc": 1.0, "n": 1}, "under": {"acc": 0.0, "n": 1}}
+    assert res["acc"] == 0.5 and res["micro_acc"] == 0.5
+    assert sorted((Path(s["image"]).name, s["reason"]) for s in skipped) == \
+        [("1.png", "missing"), ("3.png", "unreadable"), ("3.png", "unreadable")]

@@ -244,3 +244,22 @@ def test_cli_tokenwise_scoring_of_a_filip_export(filip_exported, exported, tmp_p
     proc = _run_cli(exported[0], urls, tmp_path / "no.json", "--scoring", "tokenwise")
     assert proc.returncode == 2 and "token-wise scoring needs a FILIP model" in proc.stderr
     assert not (tmp_path / "no.json").exists()
+
+
+def test_txt_lines_are_separate_captions():
+    """A sample's txt holds one caption per line (CLIP_benchmark's retrieval shards): each non-blank line
+    is a caption of its own, never the whole file as one; json `captions` still win."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from mm.evaluate.retrieval import captions_map
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    sample_map = captions_map(lambda image: image.size)
+    raw = {"__key__": "k", "png": buf.getvalue(), "txt": b"a dog\r\n  a brown dog  \n\nthe dog runs\n"}
+    assert sample_map(raw, random.Random(0))["captions"] == ["a dog", "a brown dog", "the dog runs"]
+    raw["json"] = json.dumps({"captions": ["from json"]}).encode()
+    assert sample_map(raw, random.Random(0))["captions"] == ["from json"]
