@@ -250,6 +250,8 @@ def is_clip_benchmark_root(data: str | Path) -> bool:
     """A directory laid out as CLIP_benchmark's WebDataset sets: a `<split>/nshards.txt`, or the
     dataset_type.txt / templates file at its top. (classnames.txt alone does not count: an image folder
     may carry one.)"""
+    if not str(data).strip():  # Path("") is the working directory
+        return False
     root = Path(data)
     if not root.is_dir():
         return False

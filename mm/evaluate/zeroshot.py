@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from mm.evaluate.models import load_eval_model
     from mm.metrics.zeroshot import SCORINGS, classification_metrics, confusion_matrix
 
-    cb = clip_benchmark_set(args.data, args.split, "zeroshot_classification")
     kind = dataset_kind(args.data)
+    cb = clip_benchmark_set(args.data, args.split, "zeroshot_classification")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
