@@ -357,6 +357,29 @@ def clip_benchmark_set(data: str, split: str | None, task: str) -> ClipBenchmark
     return cb
 
 
+def clip_benchmark_prompts(cb: ClipBenchmarkSet, classnames: str | None, templates: str | None
+                           ) -> tuple[list[str], list[str], str, str]:
+    """(class names, templates, where each came from) for a CLIP_benchmark set: the root's own files
+    unless `classnames` / `templates` (--classnames / --templates: a built-in set or a file) override them."""
+    from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
+
+    if classnames is not None:
+        names, names_from = load_classnames(classnames), classnames
+    elif cb.classnames is not None:
+        names, names_from = cb.classnames, str(Path(cb.root) / "classnames.txt")
+    else:
+        raise UserError(f"{cb.root}: no classnames.txt; give --classnames")
+    if templates is not None:
+        prompts, prompts_from = load_templates(templates), templates
+    elif cb.templates is not None:
+        prompts, prompts_from = cb.templates, str(Path(cb.root) / "zeroshot_classification_templates.txt")
+    elif classnames in BUILTIN_TEMPLATES:
+        prompts, prompts_from = load_templates(classnames), classnames
+    else:
+        raise UserError(f"{cb.root}: no zeroshot_classification_templates.txt; give --templates")
+    return names, prompts, names_from, prompts_from
+
+
 def cls_label(raw: dict) -> int:
     """The integer label of a raw sample's `.cls` field (CLIP_benchmark's classification shards)."""
     from mm.data.loader import SampleError

@@ -96,28 +96,6 @@ def write_confusion_png(matrix: Any, classnames: list[str], path: str, title: st
     plt.close(fig)
 
 
-def clip_benchmark_prompts(cb: Any, args: argparse.Namespace) -> tuple[list[str], list[str], str, str]:
-    """(class names, templates, where each came from) for a CLIP_benchmark set: the root's own files
-    unless --classnames / --templates override them."""
-    from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
-
-    if args.classnames is not None:
-        classnames, classnames_from = load_classnames(args.classnames), args.classnames
-    elif cb.classnames is not None:
-        classnames, classnames_from = cb.classnames, str(Path(cb.root) / "classnames.txt")
-    else:
-        raise UserError(f"{cb.root}: no classnames.txt; give --classnames")
-    if args.templates is not None:
-        templates, templates_from = load_templates(args.templates), args.templates
-    elif cb.templates is not None:
-        templates, templates_from = cb.templates, str(Path(cb.root) / "zeroshot_classification_templates.txt")
-    elif args.classnames in BUILTIN_TEMPLATES:
-        templates, templates_from = load_templates(args.classnames), args.classnames
-    else:
-        raise UserError(f"{cb.root}: no zeroshot_classification_templates.txt; give --templates")
-    return classnames, templates, classnames_from, templates_from
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -127,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from mm.evaluate.datasets import (
         SkipUnreadable,
         build_dataset,
+        clip_benchmark_prompts,
         clip_benchmark_set,
         cls_shard_batches,
         dataset_kind,
@@ -145,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if path:
             check_output_file(path, option)
     if cb is not None:
-        classnames, templates, classnames_from, templates_from = clip_benchmark_prompts(cb, args)
+        classnames, templates, classnames_from, templates_from = clip_benchmark_prompts(
+            cb, args.classnames, args.templates)
     else:
         if args.classnames is None and kind != "folder":
             args.classnames = "shapes"
