@@ -37,7 +37,7 @@ REFUSED = {
              "open_clip's CLIP has one pooled embedding per tower, so it cannot express FILIP's similarity",
     "structure": "STRUCTURE reads two frozen timm / Hugging Face encoders at a chosen intermediate layer through "
                  "trained heads (its export holds only the heads); open_clip's CLIP towers can express neither",
-    "topolora_sam": "TopoLoRA-SAM is a SAM segmentation model, not a CLIP; use --format sam",
+    "topolora_sam": "TopoLoRA-SAM is a SAM segmentation model, not a CLIP; use --format sam or --format peft",
 }
 SUPPORTED = ("clip", "structure_clip")
 CONFIG_FILE = "open_clip_config.json"
