@@ -206,3 +206,32 @@ def test_refusals_are_one_line_and_leave_nothing(exports, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["busy", "clip.safetensors", "merged.safetensors", "merged.pth", "merged.md"])
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_vit_b_folder_loads_on_the_registry_sam(tmp_path, capsys):
+    """The real-size path: a vit_b export trained from a base checkpoint keeps the base out of the folder,
+    and the card's script (sam_model_registry + peft) gives mm's logits at 1024 x 1024."""
+    torch.manual_seed(0)
+    base = tmp_path / "sam_vit_b_01ec64.pth"  # a stand-in for SAM's released file: same layout and sizes
+    torch.save(build_sam(SamModelConfig(variant="vit_b")).state_dict(), base)
+    export = _export(tmp_path / "run", "model.variant=vit_b", "model.image_size=1024", f"model.checkpoint={base}")
+    out = tmp_path / "folder"
+    assert export_main([str(export), "--format", "peft", "--out", str(out)]) == 0
+    assert "24 layers" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == FOLDER_FILES - {BASE_FILE}  # the base is not copied
+    sam_config = json.loads((out / "sam_config.json").read_text())
+    assert sam_config["base"]["checkpoint"] == base.name and len(sam_config["base"]["sha256"]) == 64
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    save_file({"image": torch.from_numpy(image)}, str(tmp_path / "images.safetensors"))
+    script = _card_script(out).replace("PATH_TO_THIS_FOLDER", str(out)) + (
+        "\nfrom safetensors.torch import save_file\n"
+        "save_file({'logits': segment(load_file('images.safetensors')['image'].numpy()).contiguous()}, "
+        "'logits.safetensors')\n")
+    assert 'sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")' in script
+    (tmp_path / "user.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "user.py"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    torch.testing.assert_close(got, _mm_logits(export, image), atol=1e-4, rtol=1e-4)
