@@ -16,8 +16,9 @@ from safetensors import safe_open
 from mm.config import config_json, load_config
 from mm.errors import ConfigError, UserError
 from mm.evaluate.merge_lora import main as merge_main
+from mm.evaluate.merge_lora import stock_sam_logits
 from mm.exports import read_export_metadata, save_export
-from mm.models.sam import SamModelConfig, build_sam, build_topolora_sam, merge_lora, prepare_image
+from mm.models.sam import SamModelConfig, build_sam, build_topolora_sam, prepare_image
 from mm.tasks import get_task, load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,20 +173,105 @@ def test_merged_file_gives_the_unmerged_outputs(trained, tmp_path, source, capsy
     sam_keys = set(build_sam(SamModelConfig(**TINY_MODEL)).state_dict())
     assert {k for k in keys if not k.startswith("adapter.")} == sam_keys
     assert not any("lora" in k or "base_layer" in k for k in keys)
+    # OUT.pth: a Sam made from segment_anything's classes at the tiny sizes loads it strictly; it is the
+    # trained model without the adapter.
+    sam = _segment_anything_sam()
+    sam.load_state_dict(torch.load(out.with_suffix(".pth"), weights_only=True), strict=True)
+    merged.adapter = torch.nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(stock_sam_logits(sam.eval(), _images()), merged(_images()), atol=1e-6, rtol=1e-6)
+    card = out.with_suffix(".md").read_text()
+    assert card.startswith("---\nlibrary_name: segment-anything\nlicense: other\n")
+    assert "mm train topolora_sam --config training_config.yaml" in card and "lora_r: 8" in card
 
 
-def test_merged_vit_b_loads_into_segment_anything_builder():
+def _segment_anything_sam():
+    """A Sam at the tiny sizes, built from segment_anything's classes as its build_sam.py does (not mm's)."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    return Sam(image_encoder=ImageEncoderViT(depth=2, embed_dim=32, img_size=64, mlp_ratio=4,
+                                             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2,
+                                             patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1],
+                                             window_size=14, out_chans=256),
+               prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(4, 4), input_image_size=(64, 64),
+                                            mask_in_chans=16),
+               mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+                   depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256, iou_head_depth=3,
+                   iou_head_hidden_dim=256))
+
+
+def test_stock_sam_difference_is_measured_and_printed(trained, tmp_path, capsys):
+    """The printed figures against stock SAM's own forward (Sam.__call__ with its preprocessing) and mm's
+    own validation (evaluate_segmentation's global Dice) on a vessels shard."""
+    import re
+    import tarfile
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from mm.data.synthetic import write_vessels
+    from mm.tasks.segmentation import evaluate_segmentation
+
+    shard = write_vessels(tmp_path / "vessels", 6, image_size=48, seed=3)[0]
+    out = tmp_path / "merged.safetensors"
+    assert merge_main([str(trained["path"]), "--out", str(out), "--compare-data", shard]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    got = re.search(r"on (\d+) images of .*: mean \|prob diff\| ([\d.]+), Dice between their masks ([\d.]+); "
+                    r"Dice vs ground truth ([\d.]+) \(trained\) vs ([\d.]+) \(stock\)", line)
+    assert got, line
+    assert "stock segment_anything SAM (merged.pth" in line and line in out.with_suffix(".md").read_text()
+
+    sam = _segment_anything_sam()
+    sam.load_state_dict(torch.load(out.with_suffix(".pth"), weights_only=True))
+    sam.eval()
+    _, cfg, model = load_exported(trained["path"])
+    diffs, mm_masks, stock_masks = [], [], []
+    with tarfile.open(shard) as tar:
+        pngs = sorted(m.name for m in tar if m.name.endswith(".png") and not m.name.endswith(".mask.png"))
+        for name in pngs:
+            image = np.array(Image.open(BytesIO(tar.extractfile(name).read())).convert("RGB"))
+            resized = torch.as_tensor(ResizeLongestSide(64).apply_image(image)).permute(2, 0, 1).float()
+            with torch.no_grad():
+                stock = sam([{"image": resized, "original_size": (64, 64)}], multimask_output=False)[0]
+                q = sam.postprocess_masks(stock["low_res_logits"], (64, 64), (64, 64)).sigmoid()
+                p = model(prepare_image(torch.from_numpy(image).permute(2, 0, 1).float(), 64)[0]).sigmoid()
+            diffs.append((p - q).abs().mean())
+            mm_masks.append(p > 0.5)
+            stock_masks.append(stock["masks"])
+    a, b = torch.stack(mm_masks), torch.stack(stock_masks)
+    assert int(got[1]) == len(pngs) == 6
+    assert abs(float(got[2]) - float(torch.stack(diffs).mean())) < 1e-3
+    assert abs(float(got[3]) - float(2 * (a & b).sum() / (a.sum() + b.sum()))) < 1e-3
+    cfg.data.val, cfg.data.num_workers = shard, 0
+    assert abs(float(got[4]) - evaluate_segmentation(model, cfg)["val/global_dice"]) < 1e-3
+    assert float(got[2]) > 0.001  # the adapter was perturbed: stock SAM is not the trained model
+
+
+def test_merged_vit_b_loads_into_segment_anything_builder(tmp_path, capsys):
+    """OUT.pth of a vit_b export is a checkpoint segment_anything's own builder loads (strictly), with the
+    LoRA folded in as W0 + (alpha / r) B A."""
     from segment_anything import sam_model_registry
 
-    model = build_topolora_sam(SamModelConfig(variant="vit_b"), load_checkpoint=False)
+    task, cfg = _cfg("model.variant=vit_b", "model.image_size=1024")  # the encoder sizes are vit_b's
+    model = build_topolora_sam(cfg.model, load_checkpoint=False)
     with torch.no_grad():
         model.image_encoder.blocks[0].mlp.lin1.lora_B["default"].weight.fill_(0.01)
     lin1 = model.image_encoder.blocks[0].mlp.lin1
-    expected = lin1.base_layer.weight + 2.0 * lin1.lora_B["default"].weight @ lin1.lora_A["default"].weight
-    state = merge_lora(model).state_dict()
-    sam = sam_model_registry["vit_b"]()
-    sam.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
-    torch.testing.assert_close(sam.image_encoder.blocks[0].mlp.lin1.weight, expected.detach())
+    expected = (lin1.base_layer.weight + 2.0 * lin1.lora_B["default"].weight @ lin1.lora_A["default"].weight).detach()
+    export = _write_export(task, cfg, model, tmp_path / "vit_b.safetensors")
+    del model
+    out = tmp_path / "merged.safetensors"
+    assert merge_main([str(export), "--out", str(out), "--compare-images", "0"]) == 0
+    assert "merged 24 LoRA layers" in capsys.readouterr().out
+    export.unlink()
+    sam = sam_model_registry["vit_b"](checkpoint=str(out.with_suffix(".pth")))
+    torch.testing.assert_close(sam.image_encoder.blocks[0].mlp.lin1.weight, expected)
+    card = out.with_suffix(".md").read_text()
+    assert 'sam_model_registry["vit_b"](checkpoint="merged.pth")' in card
 
 
 def test_merge_errors_are_one_line(trained, tmp_path, capsys):
@@ -221,8 +307,8 @@ def test_mm_export_format_sam_writes_what_mm_merge_lora_writes(trained, tmp_path
 
     old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
     assert merge_main([str(trained["full"]), "--out", str(old)]) == 0
-    old_line = capsys.readouterr().out.replace(str(old), "OUT")
+    old_line = capsys.readouterr().out.replace(str(tmp_path / "old"), "OUT").replace("old.pth", "OUT.pth")
     assert export_main([str(trained["full"]), "--format", "sam", "--out", str(new)]) == 0
-    assert capsys.readouterr().out.replace(str(new), "OUT") == old_line
+    assert capsys.readouterr().out.replace(str(tmp_path / "new"), "OUT").replace("new.pth", "OUT.pth") == old_line
     a, b = load_file(str(old)), load_file(str(new))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
