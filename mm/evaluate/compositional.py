@@ -38,8 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from mm.cliargs import add_debug, command_prog
-from mm.errors import DataError, UserError, check_output_file, cli_main, write_text_atomic
+from mm.errors import DataError, UserError, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
+from mm.evaluate.runtime import (
+    add_output_arguments,
+    add_runtime_arguments,
+    announce_skip,
+    plan_datasets,
+    progress,
+    runtime_from_args,
+)
 from mm.scenegraph.parse import caption_parser, describe_parser, parse_simple, resolve_parser
 
 
@@ -94,7 +102,7 @@ def score_items(model: torch.nn.Module, tokenizer: Callable, preprocess: Callabl
     try:
         dtype = next(model.parameters(), torch.empty(0)).dtype
         scores = []
-        for start in range(0, len(items), batch_size):
+        for start in progress(range(0, len(items), batch_size), "compositional"):
             chunk = items[start:start + batch_size]
             image = torch.stack([_load_image(it, preprocess) for it in chunk]).to(device)
             if image.is_floating_point():
@@ -334,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "graph): spaCy dependency rules, the built-in simple parser, or auto (spaCy when "
                         "en_core_web_sm is installed, as Structure-CLIP's loss.parser)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--output", help="write the results JSON here")
+    add_output_arguments(p, "the results JSON (one file for every benchmark; {dataset} is 'compositional')")
+    add_runtime_arguments(p)
     add_debug(p)
     return p
 
@@ -348,29 +357,39 @@ def main(argv: list[str] | None = None) -> int:
                         "--synthetic-shapes")
     if args.min_pair_items < 1 or args.batch_size < 1:
         raise UserError("--min-pair-items and --batch-size must be >= 1")
-    if args.output:
-        check_output_file(args.output, "--output")
+    runtime = runtime_from_args(args)
+    from mm.evaluate.models import model_fields
+
+    # One results file for all benchmarks of the call: {dataset} is "compositional".
+    run = plan_datasets(["compositional"], {"--output": args.output},
+                        {**model_fields(args), "task": "compositional", "scoring": "pooled"}, args.skip_existing)[0]
+    if run.skip:
+        announce_skip(run)
+        return 0
+    output = run.outputs["--output"]
     parser = resolve_parser(args.parser, "--parser") if args.kee or args.synthetic_shapes else None
     parser_text = describe_parser(parser, args.parser) if parser else None
     from mm.evaluate.models import load_eval_model
 
     loaded = load_eval_model(args)
-    results = evaluate(loaded.model, loaded.tokenizer, loaded.preprocess,
-                       sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
-                       aro_attribute=args.aro_attribute, images=args.images,
-                       synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
-                       batch_size=args.batch_size, kee=args.kee,
-                       parse=caption_parser(parser) if parser else parse_simple)
+    loaded.model.to(runtime.device)
+    with runtime.autocast():
+        results = evaluate(loaded.model, loaded.tokenizer, loaded.preprocess,
+                           sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
+                           aro_attribute=args.aro_attribute, images=args.images,
+                           synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
+                           batch_size=args.batch_size, device=runtime.device, kee=args.kee,
+                           parse=caption_parser(parser) if parser else parse_simple)
     record = {"checkpoint": loaded.source, "model_task": loaded.task,
               "model": loaded.name, "task": "compositional",
               "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee
                           else "cosine(encode_image, encode_text)")
               + "; correct = true caption strictly higher",
-              "parser": parser_text,
+              "parser": parser_text, **runtime.describe(),
               "results": results}
     text = json.dumps(record)
-    if args.output:
-        write_text_atomic(args.output, text + "\n", announce="--output")
+    if output:
+        write_text_atomic(output, text + "\n", announce="--output")
     print(f"compositional {loaded.task} ({loaded.source})")
     if parser:
         parsed = [what for what, on in (("shapes samples without a json scene graph", args.synthetic_shapes),
