@@ -75,6 +75,9 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
             raise UserError(f"--model {args.model} is a model folder with its own weights; leave out --pretrained")
         model, tokenizer, preprocess, folder = load_model_folder(args.model)
         return EvalModel("open_clip", folder.name, folder.weights, model, tokenizer, preprocess)
+    if ("/" in args.model or args.model.startswith(".")) and not args.model.endswith(".json"):
+        raise UserError(f"--model {args.model}: no such folder (an open_clip model folder holds "
+                        f"open_clip_config.json and the weights)")
     if not args.pretrained:
         raise UserError(f"--model {args.model}: give its weights with --pretrained FILE")
     model, tokenizer, preprocess = load_open_clip(args.model, args.pretrained)
