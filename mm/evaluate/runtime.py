@@ -179,7 +179,7 @@ def plan_datasets(datasets: list[str], templates: dict[str, str | None], fields:
     if skip_existing and not templates[first]:
         raise UserError(f"--skip-existing needs {first} (it skips datasets whose {first} file exists)")
     for option, template in templates.items():
-        if template and len(datasets) > 1 and "dataset" not in check_template(template, option):
+        if template and "dataset" not in check_template(template, option) and len(datasets) > 1:
             raise UserError(f"{option} {template}: {len(datasets)} datasets would all write this one file; put "
                             f"{{dataset}} in it, e.g. {option} '{{dataset}}_{{model}}.json'")
     runs = []
