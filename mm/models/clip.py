@@ -11,6 +11,11 @@ Preprocessing comes from the model: mean, std, interpolation and resize mode are
 preprocess_cfg (open_clip's pretrained tags of that architecture when they all agree, else OpenAI's),
 then an inline architecture's `preprocess_cfg`, then `model.preprocess`; the built model carries the
 result (open_clip.get_model_preprocess_cfg) and exports carry it in their metadata (mm_preprocess).
+
+Model folders: `model.pretrained` may name a whole open_clip model folder instead of a file
+(resolve_model_folder: `local-dir:PATH`, `hf-hub:ORG/NAME` from the Hugging Face cache, offline, or a
+folder path). With model.name and model.arch empty, the folder's model_cfg and preprocess_cfg become
+model.arch, recorded in the run's config like quick_gelu, so an export rebuilds without the folder.
 """
 
 from __future__ import annotations
@@ -206,7 +211,8 @@ class _NoRandomInitNote(logging.Filter):
 
 
 def build_clip(cfg: ClipModelConfig, load_pretrained: bool = True) -> CustomTextCLIP:
-    """Build the model; `pretrained` must be a local file (open_clip converts standard checkpoints).
+    """Build the model; `pretrained` is a local file (open_clip converts standard checkpoints) or a
+    model folder (see the module docstring).
 
     An OpenAI TorchScript archive sets cfg.quick_gelu (see the module docstring) before the model is
     built; the model carries its preprocess_cfg (model_preprocess_cfg)."""
