@@ -45,6 +45,13 @@ import torch.nn.functional as F
 from mm.cliargs import add_debug, command_prog
 from mm.errors import DataError, UserError, check_output_file, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
+from mm.evaluate.runtime import (
+    add_output_arguments,
+    add_runtime_arguments,
+    announce_skip,
+    plan_datasets,
+    runtime_from_args,
+)
 from mm.scenegraph.parse import caption_parser, describe_parser, parse_simple, resolve_parser
 
 
@@ -399,12 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "graph): spaCy dependency rules, the built-in simple parser, or auto (spaCy when "
                         "en_core_web_sm is installed, as Structure-CLIP's loss.parser)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--output", help="write the results JSON here")
+    add_output_arguments(p, "the results JSON (one file for every benchmark; {dataset} is 'compositional')")
     p.add_argument("--clip-benchmark-output", metavar="TEMPLATE",
                    help="also write each --sugarcrepe file's result as CLIP_benchmark's JSON (task "
                         "image_caption_selection, dataset sugar_crepe/<type>), to this path with {dataset}, "
                         "{model}, {pretrained}, {task} and {language} filled in as CLIP_benchmark's --output "
                         "does, e.g. 'results/{dataset}_{task}.json'")
+    add_runtime_arguments(p)
     add_debug(p)
     return p
 
@@ -453,8 +461,16 @@ def main(argv: list[str] | None = None) -> int:
                         "--synthetic-shapes")
     if args.min_pair_items < 1 or args.batch_size < 1:
         raise UserError("--min-pair-items and --batch-size must be >= 1")
-    if args.output:
-        check_output_file(args.output, "--output")
+    runtime = runtime_from_args(args)
+    from mm.evaluate.models import model_fields
+
+    # One results file for all benchmarks of the call: {dataset} is "compositional".
+    run = plan_datasets(["compositional"], {"--output": args.output},
+                        {**model_fields(args), "task": "compositional", "scoring": "pooled"}, args.skip_existing)[0]
+    if run.skip:
+        announce_skip(run)
+        return 0
+    output = run.outputs["--output"]
     parser = resolve_parser(args.parser, "--parser") if args.kee or args.synthetic_shapes else None
     parser_text = describe_parser(parser, args.parser) if parser else None
     from mm.evaluate.models import load_eval_model
@@ -463,22 +479,24 @@ def main(argv: list[str] | None = None) -> int:
     cb_paths = (clip_benchmark_paths(args.clip_benchmark_output, args.sugarcrepe, loaded.name, loaded.source)
                 if args.clip_benchmark_output else {})
     skipped_images: list[dict] = []
-    results = evaluate(loaded.model, loaded.tokenizer, loaded.preprocess,
-                       sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
-                       aro_attribute=args.aro_attribute, images=args.images,
-                       synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
-                       batch_size=args.batch_size, kee=args.kee,
-                       parse=caption_parser(parser) if parser else parse_simple, skipped_images=skipped_images)
+    loaded.model.to(runtime.device)
+    with runtime.autocast():
+        results = evaluate(loaded.model, loaded.tokenizer, loaded.preprocess,
+                           sugarcrepe=args.sugarcrepe, aro_relation=args.aro_relation,
+                           aro_attribute=args.aro_attribute, images=args.images,
+                           synthetic_shapes=args.synthetic_shapes, min_pair_items=args.min_pair_items,
+                           batch_size=args.batch_size, device=runtime.device, kee=args.kee,
+                           parse=caption_parser(parser) if parser else parse_simple, skipped_images=skipped_images)
     record = {"checkpoint": loaded.source, "model_task": loaded.task,
               "model": loaded.name, "task": "compositional",
               "scoring": ("cosine(encode_image, KEE-fused caption)" if args.kee
                           else "cosine(encode_image, encode_text)")
               + "; correct = true caption strictly higher",
-              "parser": parser_text,
+              "parser": parser_text, **runtime.describe(),
               "results": results, "skipped_images": len(skipped_images), "skipped": skipped_images[:1000]}
     text = json.dumps(record)
-    if args.output:
-        write_text_atomic(args.output, text + "\n", announce="--output")
+    if output:
+        write_text_atomic(output, text + "\n", announce="--output")
     for path, out in cb_paths.items():
         cb_record = clip_benchmark_record(Path(path).stem, results["sugarcrepe"][Path(path).stem], loaded.name,
                                           loaded.source)

@@ -14,6 +14,13 @@ import torch
 from mm.errors import UserError
 
 
+def is_model_source(spec: str) -> bool:
+    """mm.models.clip.is_model_source, without importing open_clip for a command's --help."""
+    from mm.models.clip import is_model_source as check
+
+    return check(spec)
+
+
 def load_embedding_model(path: str) -> tuple[Any, Any, torch.nn.Module, Callable, Callable]:
     """(task, config, model, tokenizer, eval preprocess) of an export whose model has
     encode_image/encode_text; any other export is a one-line UserError naming the file."""
@@ -46,10 +53,12 @@ class EvalModel:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model (--checkpoint, or --model with --pretrained)")
+    g = parser.add_argument_group("model (--checkpoint, --model with --pretrained, or --model FOLDER)")
     g.add_argument("--checkpoint", help="exported safetensors file written by a train/ run")
     g.add_argument("--model", help="an open_clip architecture name (e.g. ViT-B-32) or an open_clip "
-                                   "model-config JSON file; needs --pretrained")
+                                   "model-config JSON file, with --pretrained; or an open_clip model folder "
+                                   "(architecture and weights): local-dir:PATH, hf-hub:ORG/NAME from the "
+                                   "Hugging Face cache (offline), or a folder path")
     g.add_argument("--pretrained", help="local open_clip checkpoint file for --model (never downloaded)")
 
 
@@ -61,11 +70,57 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
         task, cfg, model, tokenizer, preprocess = load_embedding_model(args.checkpoint)
         return EvalModel(task.name, cfg.model.name or "inline architecture", str(args.checkpoint), model,
                          tokenizer, preprocess)
+    if is_model_source(args.model):
+        if args.pretrained:
+            raise UserError(f"--model {args.model} is a model folder with its own weights; leave out --pretrained")
+        model, tokenizer, preprocess, folder = load_model_folder(args.model)
+        return EvalModel("open_clip", folder.name, folder.weights, model, tokenizer, preprocess)
+    if ("/" in args.model or args.model.startswith(".")) and not args.model.endswith(".json"):
+        raise UserError(f"--model {args.model}: no such folder (an open_clip model folder holds "
+                        f"open_clip_config.json and the weights)")
     if not args.pretrained:
         raise UserError(f"--model {args.model}: give its weights with --pretrained FILE")
     model, tokenizer, preprocess = load_open_clip(args.model, args.pretrained)
     return EvalModel("open_clip", Path(args.model).stem if args.model.endswith(".json") else args.model,
                      str(args.pretrained), model, tokenizer, preprocess)
+
+
+def load_model_folder(spec: str) -> tuple[torch.nn.Module, Callable, Callable, Any]:
+    """(model, tokenizer, eval preprocess, ModelFolder) of an open_clip model folder (local-dir:PATH,
+    hf-hub:ORG/NAME from the cache, or a folder path), built as the trainers build it (build_clip)."""
+    from mm.models.clip import ClipModelConfig, build_clip, clip_preprocess, clip_tokenizer, resolve_model_folder
+
+    folder = resolve_model_folder(spec, "--model")
+    cfg = ClipModelConfig(pretrained=spec)
+    try:
+        model = build_clip(cfg)
+    except UserError as e:
+        raise UserError(str(e).replace("model.pretrained ", "--model ", 1)) from None
+    return model.eval(), clip_tokenizer(cfg), clip_preprocess(cfg, False, model=model), folder
+
+
+def model_fields(args: argparse.Namespace) -> dict[str, str]:
+    """{model} and {pretrained} of an output template, from the model options alone (before loading)."""
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        run = path.parent.parent.name if path.parent.name == "export" and path.parent.parent.name else path.stem
+        return {"model": _slug(run), "pretrained": _slug(path.stem)}
+    spec = args.model or ""
+    if is_model_source(spec):
+        if spec.startswith("hf-hub:"):
+            name = spec.rstrip("/").split("/")[-1]
+        else:
+            base = Path(spec.removeprefix("local-dir:")).resolve().name
+            name = base.split("--")[-1] if base.startswith("models--") else base
+        return {"model": _slug(name), "pretrained": _slug(name)}
+    arch = Path(spec).stem if spec.endswith(".json") else spec
+    return {"model": _slug(arch), "pretrained": _slug(Path(args.pretrained or "none").stem)}
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
 def load_open_clip(arch: str, pretrained: str) -> tuple[torch.nn.Module, Callable, Callable]:

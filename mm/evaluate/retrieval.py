@@ -14,17 +14,29 @@ import argparse
 import json
 import os
 import random
-import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from mm.cliargs import add_debug, command_prog
 from mm.data.loader import Loader
-from mm.errors import UserError, check_output_file, cli_main, write_text_atomic
+from mm.errors import UserError, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
+from mm.evaluate.runtime import (
+    DatasetRun,
+    Runtime,
+    add_output_arguments,
+    add_runtime_arguments,
+    announce_skip,
+    plan_datasets,
+    progress,
+    runtime_from_args,
+)
+
+if TYPE_CHECKING:
+    from mm.evaluate.datasets import ClipBenchmarkSet
 
 
 def captions_map(preprocess: Callable) -> Callable[[dict, random.Random], dict[str, Any]]:
@@ -134,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Image->text and text->image recall@k (CLIP_benchmark protocol: each image once in the "
                     "gallery, all its captions correct) of an exported model on image-text shards.")
     add_model_arguments(p)
-    p.add_argument("--data", required=True,
-                   help="WebDataset shards (captions from json 'captions' as mm-shards coco writes them, else one "
-                        "per line of the txt) or a CLIP_benchmark WebDataset root (<split>/nshards.txt, "
-                        "<split>/0.tar ...)")
+    p.add_argument("--data", required=True, action="append",
+                   help="repeatable, one result per dataset: WebDataset shards (captions from json 'captions' as "
+                        "mm-shards coco writes them, else one per line of the txt) or a CLIP_benchmark WebDataset "
+                        "root (<split>/nshards.txt, <split>/0.tar ...)")
     p.add_argument("--split", default=None, help="the split of a CLIP_benchmark root (default test)")
     p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
                    help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
@@ -145,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", default="1,5,10", help="comma-separated k values (default 1,5,10)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--output", help="write the metrics JSON here")
+    add_output_arguments(p)
+    add_runtime_arguments(p)
     add_debug(p)
     return p
 
@@ -154,11 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tqdm import tqdm
-
+    from mm.data.loader import check_local_shards
     from mm.evaluate.datasets import clip_benchmark_set
-    from mm.evaluate.models import load_eval_model
-    from mm.metrics.retrieval import recall_from_scores, retrieval_recall
+    from mm.evaluate.models import load_eval_model, model_fields
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -170,46 +181,67 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    cb = clip_benchmark_set(args.data, args.split, "zeroshot_retrieval")
-    if args.output:
-        check_output_file(args.output, "--output")
+    runtime = runtime_from_args(args)
+    runs = plan_datasets(args.data, {"--output": args.output},
+                         {**model_fields(args), "task": "zeroshot_retrieval", "scoring": args.scoring},
+                         args.skip_existing)
+    todo = []
+    for run in runs:
+        if run.skip:
+            announce_skip(run)
+        else:  # every dataset is checked before the model loads
+            cb = clip_benchmark_set(run.data, args.split, "zeroshot_retrieval")
+            urls = cb.urls if cb is not None else run.data
+            check_local_shards(urls, "--data")
+            todo.append((run, urls, cb))
+    if not todo:
+        return 0
     loaded = load_eval_model(args)
-    from mm.data.loader import check_local_shards
-
-    urls = cb.urls if cb is not None else args.data
-    check_local_shards(urls, "--data")
-    model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
-    if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
+    loaded.model.to(runtime.device)
+    if args.scoring == "tokenwise" and not hasattr(loaded.model, "encode_image_tokens"):
         raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
+    for run, urls, cb in todo:
+        _evaluate_dataset(args, run, urls, cb, ks, loaded, runtime)
+    return 0
+
+
+def _evaluate_dataset(args: argparse.Namespace, run: DatasetRun, urls: Any, cb: ClipBenchmarkSet | None,
+                      ks: tuple[int, ...], loaded: Any, runtime: Runtime) -> None:
+    from mm.metrics.retrieval import recall_from_scores, retrieval_recall
+
+    model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
     loader = retrieval_batches(preprocess, urls, args.batch_size, args.workers)
-    batches = tqdm(loader, desc="retrieval", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty(),
-                   leave=False)
+    batches = progress(loader, f"retrieval {run.name}")
+    with runtime.autocast():
+        if args.scoring == "tokenwise":
+            s_i2t, s_t2i, text_to_image = retrieval_token_scores(model, tokenizer, batches, runtime.device)
+        else:
+            image_emb, text_emb, text_to_image = retrieval_embeddings(model, tokenizer, batches, runtime.device)
     if args.scoring == "tokenwise":
-        s_i2t, s_t2i, text_to_image = retrieval_token_scores(model, tokenizer, batches)
         metrics = recall_from_scores(s_i2t, s_t2i, text_to_image, ks)
     else:
-        image_emb, text_emb, text_to_image = retrieval_embeddings(model, tokenizer, batches)
         metrics = retrieval_recall(image_emb, text_emb, text_to_image, ks)
     n_images, n_texts = int(metrics["n_images"]), int(metrics["n_texts"])
-    record = {"dataset": args.data, "model": loaded.name,
+    record = {"dataset": run.data, "dataset_name": run.name, "model": loaded.name,
               "pretrained": loaded.source, "checkpoint": loaded.source,
               "task": "zeroshot_retrieval", "model_task": loaded.task, "scoring": args.scoring,
               "metrics": metrics, "language": "en", "ks": list(ks), "batch_size": args.batch_size,
-              "captions_per_image": n_texts / max(1, n_images)}
+              **runtime.describe(), "captions_per_image": n_texts / max(1, n_images)}
     if cb is not None:
         record.update(dataset_type="clip_benchmark", split=cb.split, n_shards=len(cb.shards))
     bad = loader.bad_counts
     if bad:
         record["bad_samples"] = bad
     text = json.dumps(record)
-    if args.output:
-        write_text_atomic(args.output, text + "\n", announce="--output")
+    output = run.outputs["--output"]
+    if output:
+        write_text_atomic(output, text + "\n", announce="--output")
     parts = ", ".join(f"R@{k} {metrics[f'image_to_text_recall@{k}']:.3f}/"
                       f"{metrics[f'text_to_image_recall@{k}']:.3f}" for k in ks)
-    print(f"retrieval {loaded.task} ({args.scoring}; image->text/text->image): {parts} on {n_images} images, "
-          f"{n_texts} captions")
-    print(text)
-    return 0
+    name = f"{run.name}: " if len(args.data) > 1 else ""
+    print(f"{name}retrieval {loaded.task} ({args.scoring}; image->text/text->image): {parts} on {n_images} "
+          f"images, {n_texts} captions")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

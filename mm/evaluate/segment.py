@@ -54,6 +54,7 @@ from PIL import Image
 
 from mm.cliargs import add_debug, command_prog
 from mm.errors import DataError, UserError, cli_main
+from mm.evaluate.runtime import add_runtime_arguments, autocast, pick_device, pick_precision
 from mm.evaluate.seg_io import (
     MaskRule,
     Normalisation,
@@ -72,7 +73,6 @@ from mm.evaluate.tiling import BLEND_MODES, blend_weights, pad_to_tile, sliding_
 
 EXIT_SOME_FAILED = 1
 MODES = ("auto", "tile", "resize")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,8 +124,7 @@ class Segmenter:
         self.std = torch.tensor(self.norm[1], device=self.device).view(1, 3, 1, 1)
 
     def _predict(self, batch: torch.Tensor) -> torch.Tensor:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.options.precision)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.no_grad(), autocast(self.device, self.options.precision):
             out = self.model(batch.to(self.device)).float()
         self.tiles_run += batch.shape[0]
         return out
@@ -206,26 +205,6 @@ def load_model(checkpoint: str, base_checkpoint: str | None = None
     except ValueError:
         data = {}
     return cfg, model, data if isinstance(data, dict) else {}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here")
-    return device
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,9 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-prob", choices=("png", "tif"), help="also write the probability map: 8-bit PNG "
                                                                "(p x 255) or float32 TIFF")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="autocast dtype; auto = bf16 (fp16 without bf16 support) on a GPU, fp32 on the CPU")
+    add_runtime_arguments(p)
     add_debug(p)
     return p
 

@@ -10,14 +10,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mm.cliargs import add_debug, command_prog
-from mm.errors import UserError, check_output_file, cli_main, write_text_atomic
+from mm.errors import UserError, cli_main, write_text_atomic
 from mm.evaluate.models import add_model_arguments
+from mm.evaluate.runtime import (
+    DatasetRun,
+    Runtime,
+    add_output_arguments,
+    add_runtime_arguments,
+    announce_skip,
+    plan_datasets,
+    progress,
+    runtime_from_args,
+)
+
+if TYPE_CHECKING:
+    from mm.evaluate.datasets import ClipBenchmarkSet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot classification (CLIP_benchmark protocol: prompt-ensembled class embeddings, "
                     "logits 100 x cos) of an exported model (runs/<name>/export/model.safetensors).")
     add_model_arguments(p)
-    p.add_argument("--data", required=True,
-                   help="a CLIP_benchmark WebDataset root (classnames.txt, zeroshot_classification_templates.txt, "
-                        "<split>/nshards.txt, <split>/0.tar ...); another directory: image folder, one sub-folder "
-                        "per class; a .csv/.jsonl file: list with an image path column (filepath/image) and a "
-                        "label (int or class name); anything else: WebDataset shards whose json carries an int "
-                        "'label'")
-    p.add_argument("--split", default=None,
-                   help="the split of a CLIP_benchmark root (default test)")
+    p.add_argument("--data", required=True, action="append",
+                   help="repeatable, one result per dataset. A CLIP_benchmark WebDataset root (classnames.txt, "
+                        "zeroshot_classification_templates.txt, <split>/nshards.txt, <split>/0.tar ...); another "
+                        "directory: image folder, one sub-folder per class; a .csv/.jsonl file: list with an image "
+                        "path column (filepath/image) and a label (int or class name); anything else: WebDataset "
+                        "shards whose json carries an int 'label'")
+    p.add_argument("--split", default=None, help="the split of a CLIP_benchmark root (default test)")
     p.add_argument("--classnames", default=None,
                    help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one name per line "
                         "(default: a CLIP_benchmark root's classnames.txt, the folder names for an image "
@@ -47,21 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "late-interaction score, averaged over templates (FILIP models)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--output", help="write the metrics JSON here")
-    p.add_argument("--confusion", metavar="PATH.png", help="write the confusion matrix as a PNG here")
+    add_output_arguments(p)
+    p.add_argument("--confusion", metavar="PATH.png", help="write the confusion matrix as a PNG here (a template "
+                                                           "like --output)")
+    add_runtime_arguments(p)
     add_debug(p)
     return p
-
-
-def _progress(batches: Iterable, desc: str) -> Iterable:
-    from tqdm import tqdm
-
-    try:
-        total = len(batches)
-    except TypeError:  # the shared loader streams: no length
-        total = None
-    return tqdm(batches, total=total, desc=desc, unit="batch", file=sys.stderr,
-                disable=not sys.stderr.isatty(), leave=False)
 
 
 def write_confusion_png(matrix: Any, classnames: list[str], path: str, title: str) -> None:
@@ -100,64 +102,97 @@ def write_confusion_png(matrix: Any, classnames: list[str], path: str, title: st
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
-    from mm.data.streams import labelled_shard_batches
-    from mm.evaluate.datasets import (
-        SkipUnreadable,
-        build_dataset,
-        clip_benchmark_prompts,
-        clip_benchmark_set,
-        cls_shard_batches,
-        dataset_kind,
-        image_label_loader,
-    )
-    from mm.evaluate.models import load_eval_model
-    from mm.metrics.zeroshot import SCORINGS, classification_metrics, confusion_matrix
+    from mm.evaluate.datasets import dataset_kind
+    from mm.evaluate.models import load_eval_model, model_fields
 
-    kind = dataset_kind(args.data)
-    cb = clip_benchmark_set(args.data, args.split, "zeroshot_classification")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    for option, path in (("--output", args.output), ("--confusion", args.confusion)):
-        if path:
-            check_output_file(path, option)
-    if cb is not None:
-        classnames, templates, classnames_from, templates_from = clip_benchmark_prompts(
-            cb, args.classnames, args.templates)
-    else:
-        if args.classnames is None and kind != "folder":
-            args.classnames = "shapes"
-        classnames = load_classnames(args.classnames) if args.classnames is not None else None
-        if args.templates is None:
-            args.templates = args.classnames if args.classnames in BUILTIN_TEMPLATES else "shapes"
-        templates = load_templates(args.templates)
-        classnames_from, templates_from = args.classnames or "folder names", args.templates
+    runtime = runtime_from_args(args)
+    runs = plan_datasets(args.data, {"--output": args.output, "--confusion": args.confusion},
+                         {**model_fields(args), "task": "zeroshot_classification", "scoring": args.scoring},
+                         args.skip_existing)
+    todo = []
+    for run in runs:
+        if run.skip:
+            announce_skip(run)
+            continue
+        # Every dataset's inputs are checked before the model loads or any dataset is scored.
+        kind = dataset_kind(run.data)
+        labels = _label_sets(args, run.data, kind)
+        if kind == "shards":
+            from mm.data.loader import check_local_shards
+
+            check_local_shards(run.data, "--data")
+        todo.append((run, kind, labels))
+    if not todo:
+        return 0
     loaded = load_eval_model(args)
-    if kind == "shards":
-        from mm.data.loader import check_local_shards
-
-        check_local_shards(args.data, "--data")
-    model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
-    if args.scoring == "tokenwise" and not hasattr(model, "encode_image_tokens"):
+    loaded.model.to(runtime.device)
+    if args.scoring == "tokenwise" and not hasattr(loaded.model, "encode_image_tokens"):
         raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
+    for run, kind, labels in todo:
+        _evaluate_dataset(args, run, kind, labels, loaded, runtime)
+    return 0
 
+
+@dataclass
+class LabelSets:
+    """One dataset's class names (None: an image folder's sub-folders), templates, where each came
+    from, and its CLIP_benchmark set if it is one."""
+
+    classnames: list[str] | None
+    templates: list[str]
+    classnames_from: str
+    templates_from: str
+    clip_benchmark: ClipBenchmarkSet | None
+
+
+def _label_sets(args: argparse.Namespace, data: str, kind: str) -> LabelSets:
+    """Class names and templates for one dataset: a CLIP_benchmark root's own files, an image folder's
+    sub-folders, else the shapes set, unless --classnames/--templates override them. Files are read here
+    so that a missing one is reported before any compute."""
+    from mm.data.classnames import BUILTIN_TEMPLATES, load_classnames, load_templates
+    from mm.evaluate.datasets import clip_benchmark_prompts, clip_benchmark_set
+
+    cb = clip_benchmark_set(data, args.split, "zeroshot_classification")
+    if cb is not None:
+        return LabelSets(*clip_benchmark_prompts(cb, args.classnames, args.templates), cb)
+    names = args.classnames if args.classnames is not None or kind == "folder" else "shapes"
+    templates = args.templates
+    if templates is None:
+        templates = names if names in BUILTIN_TEMPLATES else "shapes"
+    return LabelSets(load_classnames(names) if names is not None else None, load_templates(templates),
+                     names or "folder names", templates, None)
+
+
+def _evaluate_dataset(args: argparse.Namespace, run: DatasetRun, kind: str, sets: LabelSets, loaded: Any,
+                      runtime: Runtime) -> None:
+    from mm.data.streams import labelled_shard_batches
+    from mm.evaluate.datasets import SkipUnreadable, build_dataset, cls_shard_batches, image_label_loader
+    from mm.metrics.zeroshot import SCORINGS, classification_metrics, confusion_matrix
+
+    data, output, confusion = run.data, run.outputs["--output"], run.outputs["--confusion"]
+    classnames, templates, cb = sets.classnames, sets.templates, sets.clip_benchmark
+    model, tokenizer, preprocess = loaded.model, loaded.tokenizer, loaded.preprocess
     label_mapping, ignored = "shard_json_label", []
-    if kind == "clip_benchmark":
+    if cb is not None:
         label_mapping = "shard_cls_label"
         batches = SkipUnreadable(cls_shard_batches(preprocess, cb.urls, len(classnames), args.batch_size,
                                                    args.workers))
     elif kind == "shards":
-        batches = SkipUnreadable(labelled_shard_batches(preprocess, tokenizer, args.data, len(classnames),
+        batches = SkipUnreadable(labelled_shard_batches(preprocess, tokenizer, data, len(classnames),
                                                         args.batch_size, args.workers))
     else:
-        dataset = build_dataset(args.data, preprocess, classnames)
+        dataset = build_dataset(data, preprocess, classnames)
         classnames, label_mapping, ignored = dataset.classnames, dataset.label_mapping, dataset.ignored
         batches = SkipUnreadable(image_label_loader(dataset, args.batch_size, args.workers))
-    logits, labels = SCORINGS[args.scoring](model, tokenizer, _progress(batches, "zero-shot"), classnames, templates)
+    with runtime.autocast():
+        logits, labels = SCORINGS[args.scoring](model, tokenizer, progress(batches, f"zero-shot {run.name}"),
+                                                classnames, templates, runtime.device)
     if not len(labels):
-        raise UserError(f"{args.data}: no readable labelled images")
+        raise UserError(f"{data}: no readable labelled images")
     metrics = classification_metrics(logits, labels, len(classnames))
     metrics["n_images"] = float(len(labels))
     skipped = list(batches.skipped)
@@ -166,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         skipped_count = int(bad.get("total", 0))
     else:
         bad, skipped_count = {}, len(skipped)
-    record = {"dataset": args.data, "dataset_type": kind, "model": loaded.name,
+    record = {"dataset": data, "dataset_name": run.name, "dataset_type": kind, "model": loaded.name,
               "pretrained": loaded.source, "checkpoint": loaded.source,
               "task": "zeroshot_classification", "model_task": loaded.task, "metrics": metrics,
-              "language": "en", "scoring": args.scoring, "classnames": classnames_from,
-              "templates": templates_from, "n_classes": len(classnames), "n_templates": len(templates),
-              "label_mapping": label_mapping, "batch_size": args.batch_size,
+              "language": "en", "scoring": args.scoring, "classnames": sets.classnames_from,
+              "templates": sets.templates_from, "n_classes": len(classnames), "n_templates": len(templates),
+              "label_mapping": label_mapping, "batch_size": args.batch_size, **runtime.describe(),
               "chance": 1.0 / len(classnames), "skipped_images": skipped_count,
               "skipped": [{"path": p, "reason": r} for p, r in skipped[:1000]],
               "ignored_files": len(ignored)}
@@ -179,20 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         record.update(split=cb.split, n_shards=len(cb.shards))
     if bad:
         record["bad_samples"] = bad
-    if args.confusion:
-        write_confusion_png(confusion_matrix(logits, labels, len(classnames)), classnames, args.confusion,
-                            f"{Path(args.data).name}: acc1 {metrics['acc1']:.3f}")
-        record["confusion_png"] = args.confusion
+    if confusion:
+        write_confusion_png(confusion_matrix(logits, labels, len(classnames)), classnames, confusion,
+                            f"{Path(data).name}: acc1 {metrics['acc1']:.3f}")
+        record["confusion_png"] = confusion
     text = json.dumps(record)
-    if args.output:
-        write_text_atomic(args.output, text + "\n", announce="--output")
+    if output:
+        write_text_atomic(output, text + "\n", announce="--output")
     acc5 = f", acc5 {metrics['acc5']:.3f}" if "acc5" in metrics else ""
     skip = f", {skipped_count} unreadable skipped" if skipped_count else ""
-    print(f"zero-shot {loaded.task} ({args.scoring}): acc1 {metrics['acc1']:.3f}{acc5}, mean per-class recall "
-          f"{metrics['mean_per_class_recall']:.3f} on {int(metrics['n_images'])} images{skip} "
+    name = f"{run.name}: " if len(args.data) > 1 else ""
+    print(f"{name}zero-shot {loaded.task} ({args.scoring}): acc1 {metrics['acc1']:.3f}{acc5}, mean "
+          f"per-class recall {metrics['mean_per_class_recall']:.3f} on {int(metrics['n_images'])} images{skip} "
           f"(chance {1.0 / len(classnames):.3f})")
-    print(text)
-    return 0
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ Preprocessing comes from the model: mean, std, interpolation and resize mode are
 preprocess_cfg (open_clip's pretrained tags of that architecture when they all agree, else OpenAI's),
 then an inline architecture's `preprocess_cfg`, then `model.preprocess`; the built model carries the
 result (open_clip.get_model_preprocess_cfg) and exports carry it in their metadata (mm_preprocess).
+
+Model folders: `model.pretrained` may name a whole open_clip model folder instead of a file
+(resolve_model_folder: `local-dir:PATH`, `hf-hub:ORG/NAME` from the Hugging Face cache, offline, or a
+folder path). With model.name and model.arch empty, the folder's model_cfg and preprocess_cfg become
+model.arch, recorded in the run's config like quick_gelu, so an export rebuilds without the folder.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from mm.errors import UserError
 class ClipModelConfig:
     name: str = ""  # an open_clip architecture name (ViT-B-32, ...); or leave empty and give `arch`
     arch: dict = field(default_factory=dict)  # inline open_clip model config: embed_dim, vision_cfg, text_cfg
-    pretrained: str = ""  # a local checkpoint file; nothing is downloaded
+    # A local checkpoint file, or an open_clip model folder (architecture and weights): local-dir:PATH,
+    # hf-hub:ORG/NAME from the Hugging Face cache, or a folder path; nothing is downloaded.
+    pretrained: str = ""
     # QuickGELU activations (OpenAI's); set automatically when `pretrained` is an OpenAI TorchScript archive.
     quick_gelu: bool = False
     # Image preprocessing overrides (mean, std, interpolation, resize_mode, fill_color) on top of the
@@ -44,6 +51,111 @@ class ClipModelConfig:
     preprocess: dict = field(default_factory=dict)
     # Standard open_clip checkpoints keep the text tower's parameters on the top module; we always
     # build CustomTextCLIP (text tower as its own module) so ZeRO-3 gathers them when the tower runs.
+
+
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
+# open_clip's order of preference for the weights in a model folder (open_clip/factory.py).
+FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                  "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                  "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+@dataclass
+class ModelFolder:
+    """An open_clip model folder: open_clip_config.json ({"model_cfg", "preprocess_cfg"}) and weights."""
+
+    folder: str
+    name: str  # for reports: the folder's name, or NAME of hf-hub:ORG/NAME
+    model_cfg: dict
+    preprocess_cfg: dict
+    weights: str
+
+
+def is_model_source(spec: str) -> bool:
+    """True for what names a whole model folder (architecture and weights): local-dir:PATH,
+    hf-hub:ORG/NAME, or a folder path."""
+    return bool(spec) and (spec.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX)) or os.path.isdir(spec))
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache, as huggingface_hub finds it (HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE,
+    HF_HOME/hub), read now rather than when huggingface_hub was imported."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.environ[var])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _snapshot(repo_dir: str, option: str, spec: str) -> str:
+    """The snapshot folder of a hub cache entry models--ORG--NAME: refs/main's revision, else the only one."""
+    snapshots = os.path.join(repo_dir, "snapshots")
+    ref = os.path.join(repo_dir, "refs", "main")
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            revision = f.read().strip()
+        if os.path.isdir(os.path.join(snapshots, revision)):
+            return os.path.join(snapshots, revision)
+    revisions = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
+    if len(revisions) != 1:
+        raise UserError(f"{option} {spec}: {repo_dir} has {len(revisions)} snapshots and no refs/main naming "
+                        f"one; give the snapshot folder itself ({snapshots}/REVISION)")
+    return os.path.join(snapshots, revisions[0])
+
+
+def resolve_model_folder(spec: str, option: str = "model.pretrained") -> ModelFolder:
+    """The open_clip model folder named by `spec`, offline: `local-dir:PATH`; `hf-hub:ORG/NAME` from the
+    Hugging Face cache (hf_cache_dir, never downloaded); a folder holding open_clip_config.json; or a hub
+    cache entry `models--ORG--NAME` (its refs/main snapshot). Anything missing is a one-line UserError."""
+    if spec.startswith(HF_HUB_PREFIX):
+        repo = spec[len(HF_HUB_PREFIX):].strip("/")
+        if repo.count("/") != 1:
+            raise UserError(f"{option} {spec}: give hf-hub:ORG/NAME")
+        cache = hf_cache_dir()
+        repo_dir = os.path.join(cache, "models--" + repo.replace("/", "--"))
+        if not os.path.isdir(repo_dir):
+            raise UserError(f"{option} {spec}: not in the Hugging Face cache {cache} (no {repo_dir}; nothing is "
+                            f"downloaded: set HF_HOME or HF_HUB_CACHE to the cache that holds it)")
+        folder, name = _snapshot(repo_dir, option, spec), repo.split("/")[1]
+    else:
+        folder = spec[len(LOCAL_DIR_PREFIX):] if spec.startswith(LOCAL_DIR_PREFIX) else spec
+        if not os.path.isdir(folder):
+            raise UserError(f"{option} {spec}: no such folder {folder!r}")
+        base = os.path.basename(os.path.normpath(folder))
+        if base.startswith("models--") and os.path.isdir(os.path.join(folder, "snapshots")):
+            name = base.split("--")[-1]
+            folder = _snapshot(folder, option, spec)
+        else:
+            name = base
+    config_path = os.path.join(folder, "open_clip_config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{option} {spec}: no open_clip_config.json in {folder} (an open_clip model folder, as "
+                        f"`mm export --format open_clip` writes, holds it and the weights)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{option} {spec}: {config_path} is not JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise UserError(f"{option} {spec}: {config_path} has no 'model_cfg' (open_clip's folder format)")
+    text = config["model_cfg"].get("text_cfg", {})
+    if text.get("hf_model_name") or text.get("hf_tokenizer_name"):
+        raise UserError(f"{option} {spec}: a Hugging Face text tower or tokenizer is not supported (its "
+                        f"tokenizer files would have to be fetched)")
+    weights = next((os.path.join(folder, w) for w in FOLDER_WEIGHTS if os.path.isfile(os.path.join(folder, w))),
+                   None)
+    if weights is None:
+        raise UserError(f"{option} {spec}: no weights in {folder} (looked for {', '.join(FOLDER_WEIGHTS[:3])}, ...)")
+    return ModelFolder(folder, name, config["model_cfg"], config.get("preprocess_cfg") or {}, weights)
+
+
+def folder_arch(folder: ModelFolder) -> dict:
+    """The folder's model_cfg as an inline model.arch (CustomTextCLIP's arguments; preprocess_cfg kept)."""
+    arch = {k: v for k, v in folder.model_cfg.items() if k != "custom_text"}
+    if folder.preprocess_cfg:
+        arch["preprocess_cfg"] = _plain(dict(folder.preprocess_cfg))
+    return arch
 
 
 def is_openai_archive(path: str | os.PathLike) -> bool:
@@ -99,13 +211,22 @@ class _NoRandomInitNote(logging.Filter):
 
 
 def build_clip(cfg: ClipModelConfig, load_pretrained: bool = True) -> CustomTextCLIP:
-    """Build the model; `pretrained` must be a local file (open_clip converts standard checkpoints).
+    """Build the model; `pretrained` is a local file (open_clip converts standard checkpoints) or a
+    model folder (see the module docstring).
 
     An OpenAI TorchScript archive sets cfg.quick_gelu (see the module docstring) before the model is
     built; the model carries its preprocess_cfg (model_preprocess_cfg)."""
+    if is_model_source(cfg.pretrained) and (load_pretrained or not (cfg.name or cfg.arch)):
+        folder = resolve_model_folder(cfg.pretrained)
+        if not (cfg.name or cfg.arch):
+            # Recorded in the run's config, so its export is rebuilt without the folder.
+            cfg.arch = folder_arch(folder)
+        pretrained = folder.weights if load_pretrained else ""
+    else:
+        pretrained = cfg.pretrained if load_pretrained else ""
     if bool(cfg.name) == bool(cfg.arch):
-        raise UserError("model: give exactly one of model.name (an open_clip architecture) or model.arch")
-    pretrained = cfg.pretrained if load_pretrained else ""
+        raise UserError("model: give exactly one of model.name (an open_clip architecture) or model.arch "
+                        "(or neither, with model.pretrained an open_clip model folder)")
     if pretrained and not os.path.isfile(pretrained):
         raise UserError(f"model.pretrained: no such file {pretrained!r} (give a local checkpoint path; "
                         "nothing is downloaded)")
