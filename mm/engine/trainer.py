@@ -221,6 +221,18 @@ def check_contrastive_accum(task: Task) -> int:
     return accum
 
 
+def apply_grad_checkpointing(task: Task, model: torch.nn.Module) -> None:
+    """train.grad_checkpointing through the model's `set_grad_checkpointing` (open_clip's and timm's
+    convention), refused in one line for a model without it."""
+    if not task.cfg.train.grad_checkpointing:
+        return
+    enable = getattr(model, "set_grad_checkpointing", None)
+    if enable is None:
+        raise UserError(f"train.grad_checkpointing: the {task.name} task's model has no activation "
+                        f"checkpointing; set train.grad_checkpointing=false")
+    enable(True)
+
+
 def train(task: Task) -> dict[str, Any]:
     """Train `task` on its config (task.cfg) to cfg.train.steps optimizer steps, resuming from
     train.out_dir if possible.
@@ -260,6 +272,7 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = task.build_model()
+    apply_grad_checkpointing(task, model)
 
     model_config = _model_config(cfg)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
