@@ -212,6 +212,30 @@ def contrastive_accum_backward(task: ContrastiveTask, engine: Any, batches: list
     return first, []
 
 
+def offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") == "cpu"
+
+
+def make_optimizer(groups: list[dict], optim: Any, ds_config: dict, verbose: bool = True) -> torch.optim.Optimizer:
+    """AdamW over `groups`: DeepSpeed's vectorised CPU Adam (its `cpu_adam` op, compiled on first use
+    into TORCH_EXTENSIONS_DIR) when the config offloads the optimizer to the CPU, where the step runs;
+    torch's AdamW otherwise, and where that op cannot be built (one line says so). Both are AdamW with
+    decoupled weight decay and bias correction."""
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
+    if offloads_optimizer(ds_config):
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        except Exception as e:  # a failed compile raises anything from RuntimeError to ImportError
+            if verbose:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                print(f"note: DeepSpeedCPUAdam is unavailable here ({reason}); the offloaded optimizer step "
+                      f"runs torch's AdamW", file=sys.stderr, flush=True)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
 def check_contrastive_accum(task: Task) -> int:
     """train.contrastive_accum, refused in one line for a task without the embed/loss split."""
     accum = task.cfg.train.contrastive_accum
@@ -292,7 +316,7 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     if problem:
         raise UserError(problem)
     groups = param_groups(model, cfg.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = make_optimizer(groups, cfg.optim, ds_config, verbose=rank == 0)
     schedule = warmup_cosine(cfg.optim.warmup_steps, tc.steps, cfg.optim.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
