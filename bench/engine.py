@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +42,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side and pass")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the sides, alternating")
     ap.add_argument("--sides", default="plain,zero1,zero2,zero3")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (DeepSpeed's accelerator follows it)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16: the engine's bf16 weights; plain runs under bf16 autocast (open_clip's amp)")
     args = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
 
     import deepspeed
     import torch
@@ -71,6 +74,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g),
              "text": torch.randint(1, 49000, (args.batch, 77), generator=g)}
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    bf16 = args.precision == "bf16"
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -78,24 +84,28 @@ def main() -> None:
 
     steps = {}
     for side in args.sides.split(","):
-        model = fresh_model()
+        model = fresh_model().to(args.device)
         opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         if side == "plain":
             def step(model=model, opt=opt) -> float:
                 opt.zero_grad(set_to_none=True)
-                out = clip_outputs(model, batch["image"], batch["text"])
-                loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
+                    out = clip_outputs(model, batch["image"], batch["text"])
+                    loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 opt.step()
                 return float(loss)
         else:
-            ds = build_ds_config(str(ROOT / f"configs/ds/{side}.json"), args.batch, 1, args.clip, "fp32", 1, False)
+            ds = build_ds_config(str(ROOT / f"configs/ds/{side}.json"), args.batch, 1, args.clip, args.precision, 1,
+                                 args.device == "cuda")
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
             engine.train()
 
-            def step(engine=engine) -> float:
-                loss = task.losses(engine, batch, 0)["loss"]
+            data = {k: v.to(torch.bfloat16) if bf16 and v.is_floating_point() else v for k, v in batch.items()}
+
+            def step(engine=engine, data=data) -> float:
+                loss = task.losses(engine, data, 0)["loss"]
                 engine.backward(loss)
                 engine.step()
                 return float(loss)
@@ -107,14 +117,16 @@ def main() -> None:
     for _ in range(args.repeats):
         for side, step in steps.items():
             for _ in range(args.steps):
+                sync()
                 t, c = time.perf_counter(), time.process_time()
                 step()
+                sync()
                 wall[side].append(time.perf_counter() - t)
                 cpu[side].append(time.process_time() - c)
 
     print(f"{datetime.date.today()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"deepspeed {deepspeed.__version__}, {torch.get_num_threads()} threads; CLIP ViT {w} x {args.layers} "
-          f"at {args.image_size} px / patch {args.patch}, batch {args.batch}, fp32, 1 rank, "
+          f"at {args.image_size} px / patch {args.patch}, batch {args.batch}, {args.precision}, {args.device}, 1 rank, "
           f"{args.repeats} x {args.steps} steps per side")
     print(f"{'side':<8}{'first loss':>12}{'step s':>9}{'cpu s':>9}{'x plain':>9}{'x plain cpu':>13}")
     base_w, base_c = statistics.median(wall.get("plain", [1])), statistics.median(cpu.get("plain", [1]))
