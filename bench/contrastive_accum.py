@@ -1,7 +1,7 @@
 """train.contrastive_accum against the big batch it equals: peak memory and time of one CLIP step.
 
-    python bench/contrastive_accum.py                       # batch 256 as 4 x 64, ViT width 256 x 6 at 64 px
-    python bench/contrastive_accum.py --batch 512 --accum 8
+    python bench/contrastive_accum.py                       # batch 128 as 4 x 32, ViT width 192 x 4 at 64 px
+    python bench/contrastive_accum.py --batch 512 --accum 8 --width 256 --layers 6
 
 Both sides train the same open_clip model (random weights, an --width x --layers ViT on --image-size px
 images and a text transformer of the same size, 32 tokens) on the same synthetic batch of --batch pairs
@@ -109,16 +109,16 @@ def run_one(side: str, args: argparse.Namespace, grads: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
                          text=True, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{side}: {out.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"{side}: exit {out.returncode} {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
