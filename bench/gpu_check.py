@@ -1,6 +1,7 @@
 """The prepared GPU check behind bench/gpu_check.sh: GPU-marked tests, 50 training steps of every trainer
 at a realistic size on synthetic data with random weights (nothing is downloaded), the FILIP loss
-against the naive dense loss, and the segmentation-inference benchmark; everything lands in ONE JSON.
+against the naive dense loss, the segmentation-inference benchmark (batch 8) and mm's engine against a
+plain AdamW step (bench/engine.py); everything lands in ONE JSON.
 
     python bench/gpu_check.py --out gpu_check.json          # on a CUDA machine (bench/gpu_check.sh)
     python bench/gpu_check.py --dry-run                     # any machine: resolve and check every config
@@ -58,6 +59,26 @@ TRAINERS: dict[str, tuple[str, str, str, list[str], list[str]]] = {
          "model.text.name=ViT-B-32", "model.text.args={}", "data.batch_size=4096", "cache.batch_size=512",
          "cache.device=cuda", "train.precision=bf16"],
         ["data.batch_size=64", "train.precision=fp32"],
+    ),
+    # The memory keys (issue 15): FILIP at a 2 x 64 contrastive batch with checkpointed towers, and
+    # TopoLoRA-SAM at 1024 with checkpointed encoder blocks; compare with the rows above.
+    "filip_vit_b16_ckpt_accum2": (
+        "filip", "configs/filip/base.yaml", "image_text",
+        ["model.name=ViT-B-16", "data.batch_size=64", "train.precision=bf16", "train.contrastive_accum=2",
+         "train.grad_checkpointing=true", "train.deepspeed_config=configs/ds/zero2.json"],
+        ["model.name=", "model.arch={embed_dim: 32, vision_cfg: {image_size: 32, patch_size: 8, width: 32, "
+         "layers: 1, head_width: 16}, text_cfg: {context_length: 16, vocab_size: 49408, width: 32, heads: 2, "
+         "layers: 1}}", "model.embed_dim=32", "data.batch_size=4", "train.precision=fp32",
+         "train.contrastive_accum=2", "train.grad_checkpointing=true"],
+    ),
+    "topolora_sam_vit_b_1024_ckpt": (
+        "topolora_sam", "configs/topolora_sam/vit_b_drive.yaml", "segmentation",
+        ["model.checkpoint=", "model.image_size=1024", "data.batch_size=4", "train.grad_accum=1",
+         "train.precision=bf16", "data.val=", "train.export=full", "train.grad_checkpointing=true"],
+        ["model.checkpoint=", "model.variant=custom", "model.encoder_embed_dim=32", "model.encoder_depth=1",
+         "model.encoder_num_heads=2", "model.encoder_global_attn_indexes=[0]", "model.image_size=32",
+         "data.batch_size=2", "train.grad_accum=1", "train.precision=fp32", "data.val=", "train.export=full",
+         "train.grad_checkpointing=true"],
     ),
 }
 COMMON = [f"train.steps={STEPS}", "train.log_every=1", "train.ckpt_every=0", "train.eval_every=0",
@@ -307,9 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     if (ROOT / "bench/seg_infer.py").is_file():
         cmd = [sys.executable, "bench/seg_infer.py", "--repeats", "1"]
         cmd += ["--variant", "vit_b", "--image-size", "64", "--height", "96", "--width", "96"] if args.smoke else \
-            ["--image-size", "1024", "--height", "1792", "--width", "2560", "--device", "cuda", "--precision", "bf16"]
+            ["--image-size", "1024", "--height", "1792", "--width", "2560", "--device", "cuda", "--precision", "bf16",
+             "--batch-size", "8"]
         limit = left(300 if args.smoke else 90)
         report["seg_infer"] = run(cmd, limit, env) if limit else {"skipped": f"--budget {args.budget} s spent"}
+        save()
+    if (ROOT / "bench/engine.py").is_file():  # mm's engine (ZeRO-1/2/3) against a plain AdamW step
+        cmd = [sys.executable, "bench/engine.py", "--repeats", "1"]
+        cmd += ["--width", "32", "--layers", "1", "--batch", "4", "--steps", "1"] if args.smoke else \
+            ["--device", "cuda", "--precision", "bf16", "--width", "768", "--layers", "12", "--image-size", "224",
+             "--patch", "16", "--batch", "64", "--steps", "5"]
+        limit = left(300 if args.smoke else 90)
+        report["engine"] = run(cmd, limit, env) if limit else {"skipped": f"--budget {args.budget} s spent"}
         save()
     # In-process and short (a few seconds on a GPU): last, so that it cannot starve the stages above.
     report["filip_loss"] = filip_loss_benchmark(device, args.smoke) if left(60) else \

@@ -3,8 +3,10 @@
 # gets at most what is left, stages that no longer fit are skipped and named, and the JSON is rewritten
 # after every stage; never yet run on a GPU): the GPU-marked tests, 50 training steps of each
 # trainer at a realistic size on synthetic data with random weights (FILIP ViT-B/16 batch 128 bf16 ZeRO-2;
-# TopoLoRA-SAM vit_b at 1024; STRUCTURE heads at batch 4096; Structure-CLIP ViT-B/32), the FILIP loss
-# against the naive dense one and the segmentation-inference benchmark, all into ONE JSON file.
+# TopoLoRA-SAM vit_b at 1024; STRUCTURE heads at batch 4096; Structure-CLIP ViT-B/32; then FILIP with
+# train.contrastive_accum=2 + train.grad_checkpointing and TopoLoRA-SAM 1024 with grad checkpointing),
+# the FILIP loss against the naive dense one, the segmentation-inference benchmark at batch 8 and
+# bench/engine.py (ViT-B/16 bf16, ZeRO-1/2/3 vs plain AdamW), all into ONE JSON file.
 #
 #   bash bench/gpu_check.sh [OUT.json]          # default gpu_check.json
 #   bash bench/gpu_check.sh --dry-run           # any machine: resolve and check every config

@@ -10,7 +10,11 @@ depend on their values) at the same input size and train it with the same loss (
 synthetic batch), so the difference is the model's trainable set alone:
 
 - topolora: LoRA (r 8, alpha 16, encoder MLPs) + spatial adapter + mask decoder train (docs/methods.md §4);
-- full: no LoRA, no adapter, every parameter of SAM trains (image encoder, prompt encoder, decoder).
+- full: no LoRA, no adapter, every parameter of SAM trains (image encoder, prompt encoder, decoder);
+- topolora-ckpt: topolora with train.grad_checkpointing (the image encoder's blocks recompute their
+  activations in backward: TopoLoraSam.set_grad_checkpointing).
+
+    python bench/seg_train.py --variant vit_b --image-size 1024 --steps 2 --modes topolora,topolora-ckpt
 
 Each mode runs in a fresh subprocess. Time: the median and the best of the timed steps (forward,
 backward, gradient clipping, optimizer step) after one warm-up step, which also allocates the AdamW
@@ -35,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("topolora", "full")
+MODES = ("topolora", "full", "topolora-ckpt")
 QUICK = {"variant": "custom", "image_size": 64, "steps": 2}
 
 
@@ -50,9 +54,11 @@ def build(mode: str, variant: str, image_size: int):
     if variant == "custom":  # the tiny SAM of the tests
         sizes = {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
                  "encoder_global_attn_indexes": [1]}
-    if mode == "topolora":
+    if mode.startswith("topolora"):
         cfg = SamModelConfig(variant=variant, image_size=image_size, **sizes)
-        return build_topolora_sam(cfg, load_checkpoint=False)
+        model = build_topolora_sam(cfg, load_checkpoint=False)
+        model.set_grad_checkpointing(mode == "topolora-ckpt")
+        return model
     cfg = SamModelConfig(variant=variant, image_size=image_size, lora_r=0, adapter=False, **sizes)
     model = build_topolora_sam(cfg, load_checkpoint=False)
     for p in model.parameters():
@@ -153,7 +159,7 @@ def main() -> None:
     print(f"SAM {args.variant} at {args.image_size} x {args.image_size}, batch {args.batch_size}, "
           f"{args.steps} timed steps after 1 warm-up, {args.rounds} round(s), fp32, CPU, one process, "
           f"{args.threads or 'default'} torch thread(s)")
-    print(f"{'mode':<10}{'trainable':>13}{'of params':>13}{'step s':>9}{'best s':>9}{'cpu s':>9}{'first s':>9}"
+    print(f"{'mode':<15}{'trainable':>13}{'of params':>13}{'step s':>9}{'best s':>9}{'cpu s':>9}{'first s':>9}"
           f"{'peak MiB':>10}"
           f"{'growth MiB':>12}{'grad+Adam MiB':>15}")
     rows: dict[str, dict] = {}
@@ -163,9 +169,9 @@ def main() -> None:
             rows[mode] = r if mode not in rows or "error" in r else _pool(rows[mode], r)
     for mode, r in rows.items():
         if "error" in r:
-            print(f"{mode:<10}  {r['error']}")
+            print(f"{mode:<15}  {r['error']}")
             continue
-        print(f"{mode:<10}{r['trainable']:>13,}{r['params']:>13,}{r['step_s']:>9.2f}{r['best_s']:>9.2f}"
+        print(f"{mode:<15}{r['trainable']:>13,}{r['params']:>13,}{r['step_s']:>9.2f}{r['best_s']:>9.2f}"
               f"{r['cpu_s']:>9.2f}"
               f"{r['first_s']:>9.2f}"
               f"{r['peak_mib']:>10.0f}{r['growth_mib']:>12.0f}{r['grad_adam_mib']:>15.0f}", flush=True)
@@ -175,6 +181,12 @@ def main() -> None:
               f"x{lora['best_s'] / full['best_s']:.2f} (best), CPU time x{lora['cpu_s'] / full['cpu_s']:.2f}, "
               f"peak memory x{lora['peak_mib'] / full['peak_mib']:.2f}, "
               f"memory growth over the built model x{lora['growth_mib'] / max(full['growth_mib'], 1e-9):.2f}")
+    ckpt = rows.get("topolora-ckpt", {})
+    if "step_s" in lora and "step_s" in ckpt:
+        print(f"topolora-ckpt / topolora (grad checkpointing): step time x{ckpt['step_s'] / lora['step_s']:.2f} "
+              f"(median), CPU time x{ckpt['cpu_s'] / lora['cpu_s']:.2f}, peak memory "
+              f"x{ckpt['peak_mib'] / lora['peak_mib']:.2f}, memory growth over the built model "
+              f"x{ckpt['growth_mib'] / max(lora['growth_mib'], 1e-9):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -60,6 +60,12 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000  # optimizer steps
     grad_accum: int = 1
+    # Contrastive batch beyond memory (open_clip's --accum-freq): k micro-batches are embedded without
+    # gradients, then each is re-embedded with gradients against all k's cached features; one optimizer
+    # step sees the loss of one k-times-larger batch. 1 = off. Tasks with an embed/loss split only.
+    contrastive_accum: int = 1
+    # Activation checkpointing of the towers / encoder blocks: recompute activations in backward.
+    grad_checkpointing: bool = False
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only)
     deepspeed_config: str = "configs/ds/zero2.json"
@@ -106,7 +112,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.samples_per_epoch": (0, None), "data.retries": (0, None),
     "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.eps": (0.0, None),
     "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0.0, 1.0),
-    "train.steps": (1, None), "train.grad_accum": (1, None), "train.grad_clip": (0.0, None),
+    "train.steps": (1, None), "train.grad_accum": (1, None), "train.contrastive_accum": (1, None),
+    "train.grad_clip": (0.0, None),
     "train.log_every": (1, None), "train.ckpt_every": (0, None), "train.keep_checkpoints": (1, None),
     "train.eval_every": (0, None), "train.max_nonfinite_steps": (1, None), "eval.batch_size": (1, None),
     # STRUCTURE's cache and layer selection (mm-structure); 0 means "all" / "default" where allowed.

@@ -63,6 +63,7 @@ def build_ds_config(path: str, batch_size: int, grad_accum: int, grad_clip: floa
     for name in ("bf16", "fp16"):
         ds[name] = {**ds.get(name, {}), "enabled": precision == name}
     ds.setdefault("steps_per_print", 10**9)  # our own logger reports progress
-    # Offload variants train with our torch AdamW; DeepSpeed otherwise insists on its CPU Adam kernel.
+    # Offload variants get DeepSpeedCPUAdam where it builds, else torch AdamW (trainer.make_optimizer),
+    # which DeepSpeed would otherwise refuse.
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds

@@ -77,3 +77,19 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]: ...
 
     def export_plan(self, model: torch.nn.Module) -> ExportPlan: ...
+
+
+@runtime_checkable
+class ContrastiveTask(Protocol):
+    """A task whose loss couples the samples of a batch (contrastive negatives) and splits into an
+    embedding pass and a loss on the embeddings; `train.contrastive_accum` needs this split.
+
+    - embed: named tensors of one micro-batch through the model's own forward; per-sample tensors have
+      the batch on dim 0, 0-dim tensors (a logit scale) are shared;
+    - loss_from_embeddings: what `losses` returns, from embeddings of any number of samples and the
+      matching batch (`losses(model, batch, step)` is `loss_from_embeddings(embed(model, batch), batch)`).
+    """
+
+    def embed(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]: ...

@@ -20,7 +20,7 @@ from mm.engine import checkpoint, run_dir
 from mm.engine.ds_config import build_ds_config
 from mm.engine.launch import GracefulStop, Preempted, init_distributed
 from mm.engine.logger import MetricsLogger
-from mm.engine.task import Task, World
+from mm.engine.task import ContrastiveTask, Task, World
 from mm.errors import UserError
 from mm.models.clip import export_preprocess_metadata
 
@@ -117,12 +117,144 @@ def _nonfinite_flags(losses: dict[str, torch.Tensor], device: torch.device) -> l
     return [k for k, f in zip(names, flags.tolist()) if f > 0]
 
 
+def _groups(loader: Any, k: int) -> Any:
+    """The loader's batches in lists of k (the micro-batches of one contrastive batch)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+
+
 def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
     total: dict[str, int] = {}
     for rank_counts in _gather_object(counts):
         for k, v in rank_counts.items():
             total[k] = total.get(k, 0) + int(v)
     return total
+
+
+def merge_batches(batches: list[dict]) -> dict:
+    """The micro-batches as one batch: tensors concatenated on dim 0, lists joined."""
+    out = {}
+    for key, first in batches[0].items():
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.cat([b[key] for b in batches], 0)
+        elif isinstance(first, list):
+            out[key] = [x for b in batches for x in b[key]]
+        else:
+            out[key] = first
+    return out
+
+
+def merge_embeddings(cached: list[dict], live: dict, index: int) -> dict:
+    """Every micro-batch's embeddings as one batch's, micro-batch `index` the live (differentiable) one.
+    0-dim tensors (a logit scale) are shared by all: live in pass 0 only, so their gradient is counted
+    once, not k times (open_clip's accumulation counts the logit scale's k times)."""
+    out = {}
+    for key, value in live.items():
+        if value is None or not isinstance(value, torch.Tensor):
+            out[key] = value
+        elif value.ndim == 0:
+            out[key] = value if index == 0 else cached[index][key]
+        else:
+            out[key] = torch.cat([value if i == index else c[key] for i, c in enumerate(cached)], 0)
+    return out
+
+
+def _rng_snapshot() -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _rng_restore(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def contrastive_accum_backward(task: ContrastiveTask, engine: Any, batches: list[dict],
+                               check: Callable[[dict], list[str]] | None = None
+                               ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """open_clip's --accum-freq: one contrastive batch from len(batches) micro-batches.
+
+    All micro-batches are embedded without gradients; then each is embedded again with gradients and
+    the loss of the whole batch (its live embeddings, the others' cached ones) is backpropagated. The
+    gradients summed over the k passes are those of the k-times-larger batch. The engine must count k
+    micro-steps per optimizer step (DeepSpeed gradient_accumulation_steps = grad_accum * k): each
+    loss is multiplied by k because DeepSpeed averages, and engine.step() is called after each
+    backward but the last, which the caller makes. The RNG is replayed per micro-batch, so dropout and
+    drop-path draw the same masks in both passes. `check(losses)` names non-finite losses: then
+    nothing is backpropagated (the loss is the same number in every pass, so the first decides).
+    Returns the losses (detached) and the non-finite names.
+    """
+    k = len(batches)
+    cached, states = [], []
+    with torch.no_grad():
+        for batch in batches:
+            states.append(_rng_snapshot())
+            cached.append({n: v.detach() if isinstance(v, torch.Tensor) else v
+                           for n, v in task.embed(engine, batch).items()})
+    whole = merge_batches(batches)
+    first: dict[str, torch.Tensor] = {}
+    for j, batch in enumerate(batches):
+        _rng_restore(states[j])
+        losses = task.loss_from_embeddings(merge_embeddings(cached, task.embed(engine, batch), j), whole)
+        if j == 0:
+            first = {n: v.detach() for n, v in losses.items()}
+            bad = check(losses) if check else []
+            if bad:
+                return first, bad
+        engine.backward(losses["loss"] * k)
+        del losses
+        if j < k - 1:
+            engine.step()
+    return first, []
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") == "cpu"
+
+
+def make_optimizer(groups: list[dict], optim: Any, ds_config: dict, verbose: bool = True) -> torch.optim.Optimizer:
+    """AdamW over `groups`: DeepSpeed's vectorised CPU Adam (its `cpu_adam` op, compiled on first use
+    into TORCH_EXTENSIONS_DIR) when the config offloads the optimizer to the CPU, where the step runs;
+    torch's AdamW otherwise, and where that op cannot be built (one line says so). Both are AdamW with
+    decoupled weight decay and bias correction."""
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
+    if offloads_optimizer(ds_config):
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        except Exception as e:  # a failed compile raises anything from RuntimeError to ImportError
+            if verbose:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                print(f"note: DeepSpeedCPUAdam is unavailable here ({reason}); the offloaded optimizer step "
+                      f"runs torch's AdamW", file=sys.stderr, flush=True)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def check_contrastive_accum(task: Task) -> int:
+    """train.contrastive_accum, refused in one line for a task without the embed/loss split."""
+    accum = task.cfg.train.contrastive_accum
+    if accum > 1 and not isinstance(task, ContrastiveTask):
+        raise UserError(f"train.contrastive_accum: the {task.name} task has no embedding/loss split to "
+                        f"accumulate contrastive batches with; use train.grad_accum (or contrastive_accum=1)")
+    return accum
+
+
+def apply_grad_checkpointing(task: Task, model: torch.nn.Module) -> None:
+    """train.grad_checkpointing through the model's `set_grad_checkpointing` (open_clip's and timm's
+    convention), refused in one line for a model without it."""
+    if not task.cfg.train.grad_checkpointing:
+        return
+    enable = getattr(model, "set_grad_checkpointing", None)
+    if enable is None:
+        raise UserError(f"train.grad_checkpointing: the {task.name} task's model has no activation "
+                        f"checkpointing; set train.grad_checkpointing=false")
+    enable(True)
 
 
 def train(task: Task) -> dict[str, Any]:
@@ -154,7 +286,9 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     # Inputs are checked before anything is written, so a bad command leaves no partial run directory.
     task.check()
     on_gpu = get_accelerator().device_name() != "cpu"
-    ds_config = build_ds_config(tc.deepspeed_config, cfg.data.batch_size, tc.grad_accum, tc.grad_clip,
+    accum = check_contrastive_accum(task)
+    # DeepSpeed counts every backward as a micro-step: k of them per accumulated contrastive batch.
+    ds_config = build_ds_config(tc.deepspeed_config, cfg.data.batch_size, tc.grad_accum * accum, tc.grad_clip,
                                 tc.precision, world, on_gpu)
 
     # Same seed on every rank: the model must start identical everywhere (ZeRO-3 partitions it as built).
@@ -162,6 +296,7 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = task.build_model()
+    apply_grad_checkpointing(task, model)
 
     model_config = _model_config(cfg)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -181,7 +316,7 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     if problem:
         raise UserError(problem)
     groups = param_groups(model, cfg.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = make_optimizer(groups, cfg.optim, ds_config, verbose=rank == 0)
     schedule = warmup_cosine(cfg.optim.warmup_steps, tc.steps, cfg.optim.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -221,9 +356,14 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     try:
         if step < tc.steps:
             engine.train()
-            for batch in loader:
-                losses = task.losses(engine, _to_device(batch, engine.device, compute_dtype), step)
-                bad_losses = _nonfinite_flags(losses, engine.device)
+            for group in _groups(loader, accum):
+                group = [_to_device(b, engine.device, compute_dtype) for b in group]
+                if accum == 1:
+                    losses = task.losses(engine, group[0], step)
+                    bad_losses = _nonfinite_flags(losses, engine.device)
+                else:
+                    losses, bad_losses = contrastive_accum_backward(
+                        task, engine, group, lambda x: _nonfinite_flags(x, engine.device))
                 if bad_losses:
                     # No backward, no optimizer step: the batch is dropped and the run goes on. (With fp16,
                     # DeepSpeed's loss scaler separately skips steps whose gradients overflow.)
@@ -241,7 +381,8 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
                             f"lower optim.lr or check the data, then resume from the last checkpoint")
                     continue
                 consecutive = 0
-                engine.backward(losses["loss"])
+                if accum == 1:
+                    engine.backward(losses["loss"])
                 engine.step()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float())
@@ -255,14 +396,14 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
                     values = _mean_over_ranks({k: v / n_micro for k, v in sums.items()})
                     elapsed = time.time() - t0
                     values["lr"] = scheduler.get_last_lr()[0]
-                    values["samples_per_s"] = n_micro * cfg.data.batch_size * world / max(elapsed, 1e-9)
+                    values["samples_per_s"] = n_micro * accum * cfg.data.batch_size * world / max(elapsed, 1e-9)
                     # Per kind and summed over ranks (each rank reads its own shards).
                     bad = _sum_counts(loader.bad_counts)
                     values["bad_samples"] = float(bad.get("total", 0))
                     values.update({f"bad/{k}": v for k, v in sorted(bad.items()) if k != "total"})
                     values["skipped_steps"] = skipped
                     if cfg.data.samples_per_epoch:
-                        global_batch = cfg.data.batch_size * tc.grad_accum * world
+                        global_batch = cfg.data.batch_size * tc.grad_accum * accum * world
                         values["epoch"] = step * global_batch / cfg.data.samples_per_epoch
                     logger.log(step, values)
                     if progress:

@@ -143,6 +143,10 @@ class FilipModel(nn.Module):
 
     # -- training ------------------------------------------------------------------------------------
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of both open_clip towers (train.grad_checkpointing)."""
+        self.clip.set_grad_checkpointing(enable)
+
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tokens and masks for `filip_loss`; `logit_scale` is exp(parameter) clamped at 100 in value
         (never in place: ZeRO-1/2 would undo an in-place clamp from their fp32 master copy)."""

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 from torch import nn
 
@@ -242,6 +243,14 @@ class SpatialAdapter(nn.Module):
         return x + self.out(self.act(self.norm(self.pointwise(self.depthwise(x)))))
 
 
+def _checkpointed(forward: Any, x: torch.Tensor) -> torch.Tensor:
+    # The block's submodules run through their own __call__ in the recomputation too, so ZeRO-3's
+    # hooks gather their parameters again in backward.
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+    return forward(x)
+
+
 class TopoLoraSam(nn.Module):
     """Prompt-free SAM: images (B, 3, S, S), already normalised and padded (prepare_image), to mask
     logits (B, 1, S, S).
@@ -258,6 +267,17 @@ class TopoLoraSam(nn.Module):
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         self.adapter = SpatialAdapter(PROMPT_EMBED_DIM) if config.adapter else nn.Identity()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the image encoder's blocks (train.grad_checkpointing): each
+        block's activations are recomputed in backward instead of kept, the bulk of the memory at 1024
+        px. Non-reentrant checkpointing, so the LoRA weights inside the frozen blocks still get their
+        gradients although the blocks' inputs need none."""
+        for block in self.image_encoder.blocks:
+            if enable:
+                block.forward = partial(_checkpointed, type(block).forward.__get__(block))
+            else:
+                block.__dict__.pop("forward", None)
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 256, S/16, S/16): the encoder's embedding after the adapter."""

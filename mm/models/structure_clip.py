@@ -98,6 +98,10 @@ class StructureClipModel(nn.Module):
 
     # -- training ---------------------------------------------------------------------------------------
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of both open_clip towers (train.grad_checkpointing)."""
+        self.clip.set_grad_checkpointing(enable)
+
     def forward(self, image: torch.Tensor, text: torch.Tensor, neg_text: torch.Tensor | None = None,
                 triples: torch.Tensor | None = None, triple_mask: torch.Tensor | None = None
                 ) -> dict[str, torch.Tensor]:

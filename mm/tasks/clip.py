@@ -35,8 +35,15 @@ class ClipTask(TaskBase):
         return image_text_batches(self.cfg, split, world, state)
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        return self.loss_from_embeddings(self.embed(model, batch), batch)
+
+    # The embed / loss split that train.contrastive_accum accumulates contrastive batches with.
+    def embed(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         out = clip_outputs(model, batch["image"], batch["text"])
-        return self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return {k: out[k] for k in ("image_features", "text_features", "logit_scale")}
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        return self.loss(embeddings["image_features"], embeddings["text_features"], embeddings["logit_scale"])
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return zeroshot_metrics(model, self.cfg, *self.eval_inputs())

@@ -68,10 +68,16 @@ class FilipTask(TaskBase):
         return image_text_batches(self.cfg, split, world, state)
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        return self.loss_from_embeddings(self.embed(model, batch), batch)
+
+    # The embed / loss split that train.contrastive_accum accumulates contrastive batches with.
+    def embed(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         # Through the model's own forward (the engine's), so ZeRO-3 gathers every parameter it uses.
-        out = model(batch["image"], batch["text"])
-        return self.loss(out["image_tokens"], out["image_mask"], out["text_tokens"], out["text_mask"],
-                         out["logit_scale"])
+        return model(batch["image"], batch["text"])
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        e = embeddings
+        return self.loss(e["image_tokens"], e["image_mask"], e["text_tokens"], e["text_mask"], e["logit_scale"])
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Pooled (CLIP-style, mean of normalised tokens) and token-wise zero-shot metrics."""

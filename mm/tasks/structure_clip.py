@@ -163,8 +163,15 @@ class StructureClipTask(TaskBase):
                                   world_size=world.size, eval_batch_size=cfg.eval.batch_size, state=state)
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        return self.loss_from_embeddings(self.embed(model, batch), batch)
+
+    # The embed / loss split that train.contrastive_accum accumulates contrastive batches with.
+    def embed(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         # Through the model's own forward (the engine's), so ZeRO-3 gathers every parameter it uses.
-        out = model(batch["image"], batch["text"], batch["neg_text"], batch["triples"], batch["triple_mask"])
+        return model(batch["image"], batch["text"], batch["neg_text"], batch["triples"], batch["triple_mask"])
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        out = embeddings
         losses = self.loss(out["image_features"], out["text_features"], out["neg_text_features"],
                            batch["has_neg"], out["logit_scale"], hinge_text=out["tower_text_features"])
         losses.update(no_negative_shares(batch.get("neg_reason", []), losses["loss"].device))

@@ -1,0 +1,63 @@
+"""The offload configs' optimizer: DeepSpeed's CPU Adam where its op builds, the same AdamW update as
+torch's (decoupled weight decay, bias correction); torch's AdamW with one line where it does not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm.config import OptimConfig
+from mm.engine.trainer import make_optimizer, offloads_optimizer, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ds(name: str) -> dict:
+    return json.loads((ROOT / "configs/ds" / name).read_text())
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+
+
+def test_only_the_offload_configs_offload():
+    assert offloads_optimizer(ds("zero2_offload.json")) and offloads_optimizer(ds("zero3_offload.json"))
+    assert not any(offloads_optimizer(ds(f"zero{s}.json")) for s in (1, 2, 3))
+    opt = make_optimizer(param_groups(model(), 0.1), OptimConfig(), ds("zero2.json"))
+    assert type(opt) is torch.optim.AdamW
+
+
+def test_cpu_adam_steps_as_torch_adamw(capsys):
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, betas=[0.9, 0.98], eps=1e-6)
+    a, b = model(), model()
+    opt_a = make_optimizer(param_groups(a, cfg.weight_decay), cfg, ds("zero2_offload.json"))
+    if type(opt_a) is torch.optim.AdamW:
+        pytest.skip(f"DeepSpeed's cpu_adam op does not build here: {capsys.readouterr().err.strip()}")
+    assert type(opt_a).__name__ == "DeepSpeedCPUAdam"
+    opt_b = torch.optim.AdamW(param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_falls_back_to_torch_adamw_in_one_line(monkeypatch, capsys):
+    import deepspeed.ops.adam as ds_adam
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Error building extension 'cpu_adam'\nc++: not found")
+
+    monkeypatch.setattr(ds_adam, "DeepSpeedCPUAdam", Broken)
+    opt = make_optimizer(param_groups(model(), 0.1), OptimConfig(), ds("zero3_offload.json"))
+    assert type(opt) is torch.optim.AdamW
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "c++: not found" in err and "torch's AdamW" in err
