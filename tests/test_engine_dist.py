@@ -79,6 +79,7 @@ def test_zeroshot_evaluation_on_two_ranks_equals_the_whole_set_on_one(sharded_ev
 
 def test_segmentation_validation_on_two_ranks_equals_the_whole_set_on_one(sharded_eval):
     r = sharded_eval["unet"]
+    assert r["zero_stage"] == 3
     assert r["whole"]["val/n_images"] == 36
     _same(r["sharded"], r["whole"])
     _same(r["trainer_eval"], r["whole"])
