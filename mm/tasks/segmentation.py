@@ -129,7 +129,7 @@ def seg_normalisation(cfg: Any) -> tuple[tuple[float, ...] | None, tuple[float, 
 
 def seg_batches(cfg: Any, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
     """The shared loader over segmentation shards (mm.data.streams): endless and shuffled for 'train',
-    one pass otherwise (every rank reads the whole val set)."""
+    one pass otherwise (each rank its own shards of it)."""
     mean, std = seg_normalisation(cfg)
     sample_map = seg_sample_map(cfg.model.image_size, cfg.data, split == "train", mean, std)
     return stream_from_config(cfg.data, split, sample_map, seed=cfg.train.seed, rank=world.rank,
