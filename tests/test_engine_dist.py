@@ -49,7 +49,9 @@ def sharded_eval(torchrun, shapes, tmp_path_factory):
     val = write_shapes_world(root / "val", 3 * len(CLASSNAMES), image_size=32, seed=2, balanced=True, shard_size=14)
     assert len(val) == 3
     pattern = f"{root}/val/shapes-{{000000..000002}}.tar"
-    proc = torchrun(ROOT / "tests/dist/eval_shard_check.py", shapes["train"], pattern, shapes["val"], str(root))
+    # Three trainings and a dozen evaluations under gloo: 3.5 minutes on 2 shared cores, over 10 when busy.
+    proc = torchrun(ROOT / "tests/dist/eval_shard_check.py", shapes["train"], pattern, shapes["val"], str(root),
+                    timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((root / "results.json").read_text())
 
