@@ -107,6 +107,10 @@ def train_parser(task_name: str | None, prog: str | None = None) -> argparse.Arg
         p.add_argument("task", choices=sorted(TASKS), help="the trainer")
     add_config_options(p, "optim.lr=3e-4", required=False)
     p.add_argument("--deepspeed_config", help="ZeRO config JSON; same as --set train.deepspeed_config=PATH")
+    # What deepspeed.add_config_arguments gives other scripts, so their launch lines work unchanged; mm
+    # always trains on DeepSpeed, so the flag changes nothing.
+    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed scripts' launch lines; "
+                   "mm train always runs on DeepSpeed")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key, with its type) and exit without training")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mm.config import TrainConfig
 from mm.errors import ConfigError
 
 
@@ -17,12 +18,17 @@ def build_ds_config(path: str, batch_size: int, grad_accum: int, grad_clip: floa
     a DeepSpeed file that sets one of them to something else (other than "auto"), or has an optimizer
     or scheduler section, is an error, not a silent override.
     """
-    try:
-        ds = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read DeepSpeed config ({e.strerror})") from None
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if path == TrainConfig.deepspeed_config and not Path(path).is_file():
+        # The default names the repository's configs/ds/zero2.json; an installed package run from another
+        # directory has no such file, so it takes that file's settings.
+        ds: Any = {"zero_optimization": {"stage": 2}}
+    else:
+        try:
+            ds = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read DeepSpeed config ({e.strerror})") from None
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(ds).__name__}")
     zero = ds.get("zero_optimization", {})

@@ -30,16 +30,36 @@ def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor],
     return torch.cat(weights).T
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, float]:
-    """acc1, acc5 (only with >= 5 classes) and mean per-class recall, as CLIP_benchmark reports them."""
+def classification_counts(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes, 3) int64: per true class, its images, those right at top-1 and at top-5. The sufficient
+    statistics of `classification_metrics`: summed over ranks, they give the metrics of the whole set."""
     pred = logits.argmax(1)
-    out = {"acc1": (pred == labels).float().mean().item()}
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits5 = (top5 == labels[:, None]).any(1)
+    counts = torch.zeros(n_classes, 3, dtype=torch.int64)
+    counts[:, 0] = torch.bincount(labels, minlength=n_classes)
+    counts[:, 1] = torch.bincount(labels[pred == labels], minlength=n_classes)
+    counts[:, 2] = torch.bincount(labels[hits5], minlength=n_classes)
+    return counts
+
+
+def metrics_from_counts(counts: torch.Tensor) -> dict[str, float]:
+    """acc1, acc5 (only with >= 5 classes) and mean per-class recall (over the classes with images)
+    from `classification_counts`, as CLIP_benchmark reports them."""
+    n_classes = counts.shape[0]
+    images, top1, top5 = (c.tolist() for c in counts.T)
+    total = sum(images)
+    out = {"acc1": sum(top1) / total}
     if n_classes >= 5:
-        top5 = logits.topk(5, dim=1).indices
-        out["acc5"] = (top5 == labels[:, None]).any(1).float().mean().item()
-    recalls = [(pred[labels == c] == c).float().mean().item() for c in range(n_classes) if (labels == c).any()]
+        out["acc5"] = sum(top5) / total
+    recalls = [right / n for right, n in zip(top1, images) if n]
     out["mean_per_class_recall"] = sum(recalls) / len(recalls)
     return out
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, float]:
+    """acc1, acc5 (only with >= 5 classes) and mean per-class recall, as CLIP_benchmark reports them."""
+    return metrics_from_counts(classification_counts(logits, labels, n_classes))
 
 
 @torch.no_grad()
@@ -51,8 +71,12 @@ def zero_shot_logits(encode_image: Callable[[torch.Tensor], torch.Tensor], class
     dtype = classifier.dtype if input_dtype is None else input_dtype
     for batch in batches:
         feats = F.normalize(encode_image(batch["image"].to(device, dtype)).float(), dim=-1)
+        if batch.get("pad"):
+            continue
         all_logits.append(100.0 * feats @ classifier)
         all_labels.append(batch["label"])
+    if not all_logits:  # a rank without a shard of the set (its batches were all padding)
+        return torch.zeros(0, classifier.shape[1]), torch.zeros(0, dtype=torch.int64)
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
 
 
@@ -120,8 +144,12 @@ def tokenwise_predictions(model: torch.nn.Module, tokenizer: Callable, batches: 
         logits, labels = [], []
         for batch in batches:
             img, img_mask = model.encode_image_tokens(batch["image"].to(device, dtype))
+            if batch.get("pad"):
+                continue
             logits.append(tokenwise_logits(img, img_mask, class_tokens, class_mask, len(classnames)).cpu())
             labels.append(batch["label"])
+        if not logits:  # a rank without a shard of the set
+            return torch.zeros(0, len(classnames)), torch.zeros(0, dtype=torch.int64)
         return torch.cat(logits), torch.cat(labels)
     finally:
         model.train(was_training)
@@ -130,12 +158,22 @@ def tokenwise_predictions(model: torch.nn.Module, tokenizer: Callable, batches: 
 SCORINGS = {"pooled": zeroshot_predictions, "tokenwise": tokenwise_predictions}
 
 
+def zeroshot_counts(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                    classnames: list[str], templates: list[str], device: torch.device | str = "cpu",
+                    scoring: str = "pooled") -> torch.Tensor:
+    """`classification_counts` of the images in `batches` (none: all zeros)."""
+    logits, labels = SCORINGS[scoring](model, tokenizer, batches, classnames, templates, device)
+    return classification_counts(logits, labels, len(classnames))
+
+
 def evaluate_zeroshot_batches(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
                               classnames: list[str], templates: list[str], device: torch.device | str = "cpu",
                               scoring: str = "pooled") -> dict[str, float]:
     """acc1, acc5 (>= 5 classes), mean_per_class_recall and n_images over any iterable of batches.
 
-    Every rank must evaluate the whole set: under ZeRO-3 each forward gathers parameters collectively."""
+    Under ZeRO-3 each forward gathers parameters collectively: every rank must make the same forward
+    passes, so either each evaluates the whole set or each its own share through
+    mm.data.streams.lockstep, with the `zeroshot_counts` summed over the ranks (mm.tasks.base does)."""
     logits, labels = SCORINGS[scoring](model, tokenizer, batches, classnames, templates, device)
     metrics = classification_metrics(logits, labels, len(classnames))
     metrics["n_images"] = float(len(labels))

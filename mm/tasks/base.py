@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed
 
+from mm import dist
 from mm.config import RunConfig
 from mm.data.loader import Loader, check_local_shards
 from mm.engine.task import ONE_RANK, Batches, ExportPlan, World
@@ -70,28 +72,59 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def share_rank0_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), before the ranks evaluate shares of a set.
+
+    Training updates each rank's BatchNorm statistics from its own batches and DeepSpeed, unlike DDP, never
+    broadcasts them, so they drift apart; the checkpoints and the export hold rank 0's, so every rank
+    evaluates with those."""
+    if dist.world_size() == 1:
+        return
+    for buffer in unwrap(model).buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
 def zeroshot_metrics(model: torch.nn.Module, cfg: Any, tokenizer: Callable, preprocess: Callable,
-                     scorings: tuple[str, ...] = ("pooled",)) -> dict[str, float]:
+                     scorings: tuple[str, ...] = ("pooled",), world: World | None = None) -> dict[str, float]:
     """Zero-shot classification of cfg.eval.zeroshot_data under each scoring (mm.metrics.zeroshot):
-    `zeroshot/<metric>` for pooled, `zeroshot_<scoring>/<metric>` for the others. {} without data."""
+    `zeroshot/<metric>` for pooled, `zeroshot_<scoring>/<metric>` for the others. {} without data.
+
+    Each rank of `world` (by default the torch.distributed group, one rank without it) scores its own
+    shards of the set in lockstep with the others; the per-class counts are summed over the ranks, so
+    every rank returns the metrics of the whole set. World(0, 1) evaluates the whole set here alone."""
     if not cfg.eval.zeroshot_data:
         return {}
     from mm.data.classnames import load_classnames, load_templates
-    from mm.data.streams import labelled_shard_batches
-    from mm.metrics.zeroshot import evaluate_zeroshot_batches
+    from mm.data.streams import labelled_shard_batches, lockstep
+    from mm.errors import DataError
+    from mm.metrics.zeroshot import metrics_from_counts, zeroshot_counts
 
+    world = world or World(dist.rank(), dist.world_size())
     model = unwrap(model)
+    if world.size > 1:
+        share_rank0_buffers(model)
     device = next(model.parameters()).device
     classnames, templates = load_classnames(cfg.eval.classnames), load_templates(cfg.eval.templates)
     out: dict[str, float] = {}
     for scoring in scorings:
         batches = labelled_shard_batches(preprocess, None, cfg.eval.zeroshot_data, len(classnames),
-                                         cfg.eval.batch_size)
-        metrics = evaluate_zeroshot_batches(model, tokenizer, batches, classnames, templates, device, scoring)
+                                         cfg.eval.batch_size, rank=world.rank, world_size=world.size)
+        if world.size > 1:
+            batches = lockstep(batches)
+        counts = zeroshot_counts(model, tokenizer, batches, classnames, templates, device, scoring)
+        if world.size > 1:
+            counts = counts.to(device)  # NCCL reduces GPU tensors only
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        if not counts[:, 0].sum():
+            raise DataError(f"no usable samples in {cfg.eval.zeroshot_data!r}: its shards are empty, damaged or "
+                            "not tar files")
+        metrics = metrics_from_counts(counts)
         if scoring == "pooled":
             out.update({f"zeroshot/{k}": v for k, v in metrics.items()})
+            out["zeroshot/n_images"] = float(counts[:, 0].sum())
         else:
-            out.update({f"zeroshot_{scoring}/{k}": v for k, v in metrics.items() if k != "n_images"})
+            out.update({f"zeroshot_{scoring}/{k}": v for k, v in metrics.items()})
     return out
 
 

@@ -29,7 +29,7 @@ from mm.engine.task import ONE_RANK, World
 from mm.errors import UserError
 from mm.metrics.segmentation import pool_metrics, segmentation_metrics
 from mm.models.sam import prepare_image, prepare_mask
-from mm.tasks.base import TaskBase
+from mm.tasks.base import TaskBase, share_rank0_buffers
 
 # Image fields of a segmentation sample; `mask.png` and `fov.png` are separate fields of the same key.
 SEG_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -129,7 +129,7 @@ def seg_normalisation(cfg: Any) -> tuple[tuple[float, ...] | None, tuple[float, 
 
 def seg_batches(cfg: Any, split: str, world: World = ONE_RANK, state: dict | None = None) -> Loader:
     """The shared loader over segmentation shards (mm.data.streams): endless and shuffled for 'train',
-    one pass otherwise (every rank reads the whole val set)."""
+    one pass otherwise (each rank its own shards of it)."""
     mean, std = seg_normalisation(cfg)
     sample_map = seg_sample_map(cfg.model.image_size, cfg.data, split == "train", mean, std)
     return stream_from_config(cfg.data, split, sample_map, seed=cfg.train.seed, rank=world.rank,
@@ -141,25 +141,42 @@ def seg_batches(cfg: Any, split: str, world: World = ONE_RANK, state: dict | Non
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: torch.nn.Module, cfg: Any, threshold: float = 0.5
+def evaluate_segmentation(model: torch.nn.Module, cfg: Any, threshold: float = 0.5, world: World | None = None
                           ) -> dict[str, float]:
     """Dice, clDice, IoU... of sigmoid(logits) > threshold on cfg.data.val, per image at the model input
-    resolution inside `valid` (FOV, padding excluded), pooled. Every rank evaluates the whole set.
+    resolution inside `valid` (FOV, padding excluded), pooled. Each rank of `world` (by default the
+    torch.distributed group) segments its own shards in lockstep with the others (mm.data.streams.lockstep)
+    and the per-image results of all ranks are pooled, the same on every rank.
 
     These numbers are on resized images; `mm-segment --masks` measures at native resolution.
     """
     if not cfg.data.val:
         return {}
+    from mm import dist
+    from mm.data.streams import lockstep
+
+    world = world or World(dist.rank(), dist.world_size())
+    if world.size > 1:
+        share_rank0_buffers(model)
     was_training = model.training
     model.eval()
     p = next(model.parameters())
     per_image = []
-    for batch in seg_batches(cfg, "val"):
+    batches = seg_batches(cfg, "val", world)
+    for batch in lockstep(batches) if world.size > 1 else batches:
         logits = model(batch["image"].to(p.device, p.dtype)).float().cpu()
+        if batch.get("pad"):
+            continue
         pred = (logits.sigmoid() > threshold).numpy()
         for pr, m, v in zip(pred, batch["mask"].numpy(), batch["valid"].numpy()):
             per_image.append(segmentation_metrics(pr[0], m[0], v[0]))
     model.train(was_training)
+    if world.size > 1:  # a few numbers per image: all of them, in rank order
+        import torch.distributed as tdist
+
+        everyone: list[Any] = [None] * world.size
+        tdist.all_gather_object(everyone, per_image)
+        per_image = [m for part in everyone for m in part]
     if not per_image:
         return {}
     pooled = pool_metrics(per_image)
