@@ -81,7 +81,7 @@ def open_checked_cache(cfg: StructureRunConfig) -> FeatureCache:
 
 def pair_rows(n_cache: int, use_pairs: int) -> torch.Tensor | None:
     """The cache rows cache.use_pairs selects (None = all). The seed is fixed, not train.seed: every
-    seed of a budget sees the same pairs, and a smaller budget's pairs are a prefix of a larger one's."""
+    seed of a budget sees the same pairs, and a smaller budget's pairs are among a larger one's."""
     if not use_pairs or use_pairs >= n_cache:
         return None
     return torch.randperm(n_cache, generator=torch.Generator().manual_seed(0))[:use_pairs].sort().values
