@@ -6,6 +6,11 @@ Layout of a cache directory:
   part-000000.safetensors ...  tensors `vision.<layer>` (n_part, d) and `text.<layer>` (n_part, d)
   meta.json                    written last: sample keys in row order, per-layer widths, the encoder
                                identities (config, weights digest, preprocessing), the shard URLs
+Each distinct image is encoded once: rows are keyed by a digest of the encoder's input (the
+preprocessed image tensor), so COCO-style data with several caption rows per image costs one vision
+forward per image, not per row; the rows still hold one vision feature each (the format is unchanged,
+and caches built before this read as they are: their rows hold the same features). Repeats more than
+IMAGE_MEMO distinct images apart are encoded again (same features, only slower).
 A directory without meta.json is an interrupted build. A cache whose recorded identity differs from
 the one the current config gives is stale: opening it is a DataError, never a silent reuse.
 
@@ -18,12 +23,14 @@ files): a cache.dir pointing at anything else is refused, never deleted.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,9 @@ _PART = re.compile(r"part-\d{6}\.safetensors")
 # default output folder.
 _CACHE_NAMES = {META, f".{META}.tmp", "select"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Distinct images whose features are kept for reuse while caching (least recently seen dropped first):
+# repeated images of caption-per-row data sit close together, and the bound keeps memory flat.
+IMAGE_MEMO = 8192
 
 
 def cache_identity(vision: dict, text: dict, urls: str) -> dict:
@@ -69,7 +79,10 @@ def _pair_map(preprocess: Callable, tokenizer: Callable) -> Callable[[dict, rand
         if caption is None:
             raise SampleError("missing_caption", raw.get("__key__", "?"))
         caption = caption.decode("utf-8", "replace").strip()
-        return {"image": preprocess(decode_image(raw)), "text": tokenizer([caption])[0], "key": raw["__key__"]}
+        image = preprocess(decode_image(raw))
+        # The encoder's exact input identifies the image: equal digests, equal features.
+        digest = hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+        return {"image": image, "text": tokenizer([caption])[0], "key": raw["__key__"], "digest": digest}
 
     return sample_map
 
@@ -198,6 +211,27 @@ def _build(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls: str, out: P
         buf_v.clear()
         buf_t.clear()
 
+    memo: OrderedDict[str, list[torch.Tensor]] = OrderedDict()  # digest -> per-layer vision rows
+    encoded = 0  # images through the vision encoder
+
+    def vision_rows(images: torch.Tensor, digests: list[str]) -> list[torch.Tensor]:
+        """Per-layer (len(digests), d) vision features; each image not in the memo is encoded once."""
+        nonlocal encoded
+        new = list(dict.fromkeys(d for d in digests if d not in memo))
+        if new:
+            first = {d: i for i, d in reversed(list(enumerate(digests)))}
+            feats = vision.layers(images[torch.tensor([first[d] for d in new])].to(device))
+            encoded += len(new)
+            for j, d in enumerate(new):
+                memo[d] = [f[j].float().cpu().to(DTYPES[dtype]) for f in feats]
+        rows = []
+        for d in digests:
+            memo.move_to_end(d)
+            rows.append(memo[d])
+        while len(memo) > IMAGE_MEMO:
+            memo.popitem(last=False)
+        return [torch.stack([r[layer] for r in rows]) for layer in range(len(rows[0]))]
+
     buffered = 0
     with torch.no_grad():
         for batch in loader:
@@ -215,9 +249,8 @@ def _build(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls: str, out: P
                     break
                 continue
             idx = torch.tensor(keep)
-            images = batch["image"][idx].to(device)
             tokens = batch["text"][idx].to(device)
-            buf_v.append([f.float().cpu().to(DTYPES[dtype]) for f in vision.layers(images)])
+            buf_v.append(vision_rows(batch["image"][idx], [batch["digest"][i] for i in keep]))
             # Captions repeat (templated or multi-image data): each distinct one is encoded once per batch.
             unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
             buf_t.append([f[inverse].float().cpu().to(DTYPES[dtype]) for f in text.layers(unique)])
@@ -237,7 +270,7 @@ def _build(vision_cfg: EncoderConfig, text_cfg: EncoderConfig, urls: str, out: P
         raise DataError(f"{urls}: no usable image-caption pairs")
     meta = {"kind": MARKER, "identity": identity, "n": len(keys), "keys": keys, "parts": parts, "dtype": dtype,
             "vision_dims": list(vision.dims), "text_dims": list(text.dims),
-            "duplicate_keys": duplicates, "bad_samples": loader.bad_counts}
+            "duplicate_keys": duplicates, "images_encoded": encoded, "bad_samples": loader.bad_counts}
     write_text_atomic(out / META, json.dumps(meta))
     return meta
 

@@ -51,6 +51,10 @@ class CacheConfig:
     part_size: int = 8192  # samples per part file (bounds memory while caching)
     max_samples: int = 0  # 0 = every pair in data.train
     device: str = "cpu"  # where the encoders run while caching (cuda on a GPU node)
+    # Train and select on this many of the cache's pairs (0 = all): a subset drawn by a fixed seed, the
+    # same for every train.seed and nested (the 300 pairs are among the 1,000), so one cache built at
+    # the largest budget serves every smaller one.
+    use_pairs: int = 0
 
 
 @dataclass
@@ -73,6 +77,22 @@ class StructureRunConfig(RunConfig):
 def open_checked_cache(cfg: StructureRunConfig) -> FeatureCache:
     """The feature cache of cfg.cache.dir, refused if it was built from other encoders or data."""
     return FeatureCache(cfg.cache.dir, expected_identity(cfg.model.vision, cfg.model.text, cfg.data.train))
+
+
+def pair_rows(n_cache: int, use_pairs: int) -> torch.Tensor | None:
+    """The cache rows cache.use_pairs selects (None = all). The seed is fixed, not train.seed: every
+    seed of a budget sees the same pairs, and a smaller budget's pairs are among a larger one's."""
+    if not use_pairs or use_pairs >= n_cache:
+        return None
+    return torch.randperm(n_cache, generator=torch.Generator().manual_seed(0))[:use_pairs].sort().values
+
+
+def resolve_layers(cfg: StructureRunConfig, cache: FeatureCache) -> None:
+    """Negative layer indices as the non-negative ones they name, in place: -1 and the last index are
+    one architecture, so the recorded config and resume's comparison see one value."""
+    m = cfg.model
+    m.vision_layer = resolve_layer(m.vision_layer, len(cache.vision_dims), "model.vision_layer")
+    m.text_layer = resolve_layer(m.text_layer, len(cache.text_dims), "model.text_layer")
 
 
 class CachedFeatureBatches:
@@ -119,8 +139,19 @@ class StructureTask(TaskBase):
                                       levels=lc.levels, divergence=lc.divergence)
 
     def check(self) -> None:
-        """Trains on the feature cache (checked when the model is built); data.train is read by
-        `mm structure cache`, not here."""
+        """Trains on the feature cache: it must match the config and hold one global batch, checked
+        here, before the run directory is written; data.train is read by `mm structure cache`, not here.
+        Resolves negative layer indices against the cache's layer counts."""
+        cfg = self.cfg
+        cache = open_checked_cache(cfg)
+        resolve_layers(cfg, cache)
+        rows = pair_rows(len(cache), cfg.cache.use_pairs)
+        n = len(cache) if rows is None else len(rows)
+        world = mmdist.world_size()
+        if n < cfg.data.batch_size * world:
+            used = f"cache.use_pairs={cfg.cache.use_pairs} of its {len(cache)}" if rows is not None else "all"
+            raise DataError(f"{cfg.cache.dir}: training on {n} pairs ({used}), fewer than one global batch "
+                            f"(data.batch_size {cfg.data.batch_size} x {world} ranks); lower data.batch_size")
 
     def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
         """Training (load_pretrained): heads sized from the checked cache, with the cache's encoder
@@ -144,8 +175,12 @@ class StructureTask(TaskBase):
         cache = open_checked_cache(cfg)
         v = resolve_layer(cfg.model.vision_layer, len(cache.vision_dims), "model.vision_layer")
         t = resolve_layer(cfg.model.text_layer, len(cache.text_dims), "model.text_layer")
-        return CachedFeatureBatches(cache.layer("vision", v), cache.layer("text", t), cfg.data.batch_size,
-                                    cfg.train.seed, world.rank, world.size, state)
+        vision, text = cache.layer("vision", v), cache.layer("text", t)
+        rows = pair_rows(len(cache), cfg.cache.use_pairs)
+        if rows is not None:
+            vision, text = vision[rows], text[rows]
+        return CachedFeatureBatches(vision, text, cfg.data.batch_size, cfg.train.seed, world.rank, world.size,
+                                    state)
 
     def losses(self, model: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         # lambda's warm-up follows the optimizer steps (and resumes with them).
@@ -170,3 +205,5 @@ def _check(cfg: StructureRunConfig) -> None:
         raise ConfigError(f"loss.levels must be >= 1, got {cfg.loss.levels}")
     if cfg.loss.tau <= 0:
         raise ConfigError(f"loss.tau must be > 0, got {cfg.loss.tau}")
+    if cfg.cache.use_pairs < 0:
+        raise ConfigError(f"cache.use_pairs must be >= 0 (0 = every cached pair), got {cfg.cache.use_pairs}")

@@ -58,7 +58,7 @@ def run_cache(cfg: Any, overwrite: bool) -> dict:
     return {"cache": c.dir, "n": meta["n"], "vision_layers": len(meta["vision_dims"]),
             "text_layers": len(meta["text_dims"]), "vision_dims": meta["vision_dims"],
             "text_dims": meta["text_dims"], "duplicate_keys": meta["duplicate_keys"],
-            "bad_samples": meta["bad_samples"]}
+            "images_encoded": meta["images_encoded"], "bad_samples": meta["bad_samples"]}
 
 
 def run_select(cfg: Any) -> dict:
@@ -73,16 +73,20 @@ def run_select(cfg: Any) -> dict:
         save_alignment_json,
         select_layers,
     )
-    from mm.tasks.structure import open_checked_cache
+    from mm.tasks.structure import open_checked_cache, pair_rows
 
     s = cfg.select
     if s.metric not in METRICS:
         raise ConfigError(f"select.metric must be one of {METRICS}, got {s.metric!r}")
     cache = open_checked_cache(cfg)
-    n = min(s.n, len(cache)) if s.n > 0 else len(cache)
-    rows = None
-    if n < len(cache):
-        rows = torch.randperm(len(cache), generator=torch.Generator().manual_seed(s.seed))[:n]
+    # Selection sees only the pairs training will use (cache.use_pairs): the budget covers both steps.
+    pool = pair_rows(len(cache), cfg.cache.use_pairs)
+    available = len(cache) if pool is None else len(pool)
+    n = min(s.n, available) if s.n > 0 else available
+    rows = pool
+    if n < available:
+        pick = torch.randperm(available, generator=torch.Generator().manual_seed(s.seed))[:n]
+        rows = pick if pool is None else pool[pick]
     k = s.k or default_k(n)
     if not 1 <= k < n:
         raise ConfigError(f"select.k: {k} neighbours need more than {n} pairs")
