@@ -119,3 +119,27 @@ def test_bad_input_is_one_line_and_writes_nothing(filip_export, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.png"]
+
+
+def test_box_hits_over_clutter_shards(filip_export, tmp_path, capsys):
+    from mm.data.synthetic import write_clutter
+
+    shards = write_clutter(tmp_path / "c", 12, image_size=48, seed=3)
+    assert main(["--checkpoint", str(filip_export), "--data", shards[0]]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    one_object = sum(len(json.loads(s["json"])["named"]) == 1 for s in _read(shards[0]))
+    assert result["captions"] == one_object > 0
+    # Each one-object caption has a colour and a shape word among its tokens.
+    assert result["word_tokens"] == 2 * one_object and result["tokens"] > result["word_tokens"]
+    for key in ("chance", "hit_rate_all_tokens", "hit_rate_words"):
+        assert 0 <= result[key] <= 1
+    assert 0 < result["chance"] < 0.5  # a small object overlaps a few of the 16 patches
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(filip_export), "--data", shards[0], "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+
+
+def _read(url):
+    import webdataset as wds
+
+    return list(wds.WebDataset(url, shardshuffle=False))

@@ -10,11 +10,19 @@ to s^T). `--direction image` shows the other half instead: each patch's best sim
 token (the max inside s^I, whose mean over patches is s^I). The PNG has the input image's size: the
 image, darkened, under the heat in a colour map; the patch grid is mapped back through the model's
 resize-shortest-side-and-centre-crop preprocessing.
+
+    mm filip-heatmap --checkpoint EXPORT --data 'data/clutter/retrieval/clutter-000000.tar'
+
+measures instead, over image-text shards whose json names the caption's objects (`named` and `boxes`,
+as the clutter world writes them), how often a caption token's best patch overlaps the box of the
+object it names, against the share of patches that overlap that box (where a token landing on a
+random patch would hit). Captions naming one object only.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -113,6 +121,40 @@ def render(image: Image.Image, tmap: TokenMap, heat: torch.Tensor) -> Image.Imag
     return Image.fromarray((out * 255).round().clip(0, 255).astype(np.uint8))
 
 
+@torch.no_grad()
+def box_hits(model: torch.nn.Module, tokenizer: Any, preprocess: Any, urls: str,
+             words: tuple[str, ...] = ()) -> dict[str, float]:
+    """Where caption tokens' best patches land, over the one-object captions of `urls` (see the module
+    docstring). `words`: token strings counted separately as well (e.g. colour and shape names)."""
+    import webdataset as wds
+
+    hits = {"all": [0, 0], "words": [0, 0]}
+    chance, captions = 0.0, 0
+    decoder = _decoder()
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        if len(meta.get("named", [])) != 1:
+            continue
+        image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+        box = tuple(meta["boxes"][meta["named"][0]])
+        tmap = token_map(model, tokenizer, preprocess, image, sample["txt"].decode("utf-8"))
+        on_box = [box_overlap(tmap.patch_box(k), box) for k in range(tmap.grid ** 2)]
+        chance += sum(on_box) / len(on_box)
+        captions += 1
+        for k, token in zip(tmap.best_patches(), tmap.token_ids):
+            for key in ("all", "words") if decoder.get(token, "").replace("</w>", "") in words else ("all",):
+                hits[key][0] += on_box[k]
+                hits[key][1] += 1
+    if not captions:
+        raise UserError(f"--data {urls}: no caption naming exactly one object (json 'named' and 'boxes')")
+    out = {"captions": float(captions), "chance": chance / captions,
+           "hit_rate_all_tokens": hits["all"][0] / hits["all"][1], "tokens": float(hits["all"][1])}
+    if hits["words"][1]:
+        out["hit_rate_words"] = hits["words"][0] / hits["words"][1]
+        out["word_tokens"] = float(hits["words"][1])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mm.evaluate.models import add_model_arguments
 
@@ -122,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "as a PNG of the image's size; prints the hottest patch and each caption token's best "
                     "patch as JSON.")
     add_model_arguments(p)
-    p.add_argument("--image", required=True, help="the image file")
-    p.add_argument("--caption", required=True, help="the caption to match")
-    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--image", help="the image file")
+    p.add_argument("--caption", help="the caption to match")
+    p.add_argument("--out", help="the PNG to write")
+    p.add_argument("--data", help="instead of one picture: image-text shards with json 'named' and 'boxes' "
+                                  "(the clutter world); prints how often caption tokens' best patches fall on "
+                                  "the named object")
     p.add_argument("--direction", choices=DIRECTIONS, default="text",
                    help="text: each caption token's best patch, weighted by its similarity (the "
                         "text->image half of the score; default); image: each patch's best similarity to "
@@ -137,8 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mm.evaluate.models import load_eval_model
+    if args.data:
+        if args.image or args.caption or args.out:
+            raise UserError("--data measures a whole set: give it without --image, --caption and --out")
+        from mm.data.loader import check_local_shards
+        from mm.data.synthetic import COLOURS, NEUTRALS, SHAPES
 
+        check_local_shards(args.data, "--data")
+        loaded = _load_filip(args)
+        result = box_hits(loaded.model, loaded.tokenizer, loaded.preprocess, args.data,
+                          words=(*COLOURS, *NEUTRALS, *SHAPES))
+        print(json.dumps({"data": args.data, "checkpoint": loaded.source, **result}))
+        return 0
+    missing = [o for o, v in (("--image", args.image), ("--caption", args.caption), ("--out", args.out)) if v is None]
+    if missing:
+        raise UserError(f"give --image, --caption and --out (missing {', '.join(missing)}), or --data")
     if not args.caption.strip():
         raise UserError("--caption is empty")
     if not args.out.lower().endswith(".png"):
@@ -151,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--image: {args.image} does not exist") from None
     except OSError as e:
         raise UserError(f"--image: cannot read {args.image} as an image ({e})") from None
-    loaded = load_eval_model(args)
-    if not hasattr(loaded.model, "encode_image_tokens"):
-        raise UserError(f"{loaded.source}: a heat map needs a FILIP model, this is {loaded.task!r}")
-    loaded.model.eval()
+    loaded = _load_filip(args)
     tmap = token_map(loaded.model, loaded.tokenizer, loaded.preprocess, image, args.caption)
     heat = tmap.heat(args.direction)
     picture = render(image, tmap, heat)
@@ -173,10 +228,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _token_strings(ids: list[int]) -> list[str]:
+def _load_filip(args: argparse.Namespace) -> Any:
+    from mm.evaluate.models import load_eval_model
+
+    loaded = load_eval_model(args)
+    if not hasattr(loaded.model, "encode_image_tokens"):
+        raise UserError(f"{loaded.source}: token-wise maps need a FILIP model, this is {loaded.task!r}")
+    loaded.model.eval()
+    return loaded
+
+
+def _decoder() -> dict[int, str]:
     from open_clip.tokenizer import SimpleTokenizer
 
-    decoder = SimpleTokenizer().decoder
+    return SimpleTokenizer().decoder
+
+
+def _token_strings(ids: list[int]) -> list[str]:
+    decoder = _decoder()
     return [decoder.get(i, str(i)).replace("</w>", "") for i in ids]
 
 
