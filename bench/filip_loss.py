@@ -12,6 +12,12 @@ once instead of lingering in the heap; the figure is then the live memory of the
 everything autograd saves, and the input gradients (inputs themselves excluded). Time is the best of
 the timed repeats after that first step.
 
+`--gather-bytes` measures instead what two gloo ranks send per step (forward all_gathers and the
+backward all_reduce of the gathered gradient), counted at torch.distributed's calls, with and without
+FILIP's token reduction (loss.keep_image_tokens / loss.keep_text_tokens) and a bf16 gather:
+
+    python bench/filip_loss.py --gather-bytes                 # B_local 32, 49 patches, 77 text tokens, d 256
+
 "Largest B in budget" fits peak(B) = c + b*B^2 to the measured points of a token shape (b*B^2 alone
 from one point), skipping sizes whose auto chunk still covers the whole batch, and solves
 peak(B) = budget: an extrapolation, not a measurement, and a low one (see `largest_batch`).
@@ -128,6 +134,85 @@ def chunk_covers_batch(method: str, b: int, ni: int, nt: int, chunk: int | None)
     return max(1, DEFAULT_CHUNK_ELEMENTS // (b * ni * nt)) >= b
 
 
+GATHER_CASES = (  # (label, keep_image_tokens, keep_text_tokens, gather_dtype)
+    ("no reduction", None, None, None),
+    ("image tokens 25%", 0.25, None, None),
+    ("image + text tokens 25%", 0.25, 0.25, None),
+    ("no reduction, bf16 gather", None, None, "bf16"),
+    ("image + text 25%, bf16 gather", 0.25, 0.25, "bf16"),
+)
+
+
+def _gather_rank(rank: int, world: int, port: int, shape: tuple[int, int, int, int], queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mm.losses.filip import filip_loss
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    counts = {"gather": 0, "reduce": 0}
+    real_gather, real_reduce = dist.all_gather, dist.all_reduce
+
+    def gather(parts, x, *a, **k):
+        counts["gather"] += sum(p.numel() * p.element_size() for p in parts)
+        return real_gather(parts, x, *a, **k)
+
+    def reduce(x, *a, **k):
+        counts["reduce"] += x.numel() * x.element_size()
+        return real_reduce(x, *a, **k)
+
+    dist.all_gather, dist.all_reduce = gather, reduce
+    b, ni, nt, d = shape
+    g = torch.Generator().manual_seed(rank)
+    results = []
+    try:
+        for label, keep_img, keep_txt, dtype in GATHER_CASES:
+            v = torch.randn(b, ni, d, generator=g, requires_grad=True)
+            t = torch.randn(b, nt, d, generator=g, requires_grad=True)
+            tm = torch.arange(nt)[None] < torch.randint(5, nt + 1, (b, 1), generator=g)
+            counts.update(gather=0, reduce=0)
+            start = time.perf_counter()
+            loss = filip_loss(v, None, t, tm, torch.tensor(14.0), keep_image_tokens=keep_img,
+                              keep_text_tokens=keep_txt, gather_dtype=torch.bfloat16 if dtype else None)
+            sent_forward = counts["gather"]
+            loss["loss"].backward()
+            results.append({"case": label, "gather_fwd": sent_forward, "reduce_bwd": counts["reduce"],
+                            "time_s": time.perf_counter() - start})
+    finally:
+        dist.all_gather, dist.all_reduce = real_gather, real_reduce
+        dist.destroy_process_group()
+    if rank == 0:
+        queue.put(results)
+
+
+def gather_bytes(shape: tuple[int, int, int, int]) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gather_rank, args=(r, 2, port, shape, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = queue.get(timeout=600)
+    for p in procs:
+        p.join()
+    b, ni, nt, d = shape
+    print(f"2 gloo ranks, B_local={b}, N_img={ni}, N_txt={nt} (padded), d={d}; bytes per rank per step")
+    print(f"{'case':<32}{'all_gather fwd':>16}{'all_reduce bwd':>16}{'total KiB':>11}{'vs none':>9}")
+    base = results[0]["gather_fwd"] + results[0]["reduce_bwd"]
+    for r in results:
+        total = r["gather_fwd"] + r["reduce_bwd"]
+        print(f"{r['case']:<32}{r['gather_fwd']:>16,}{r['reduce_bwd']:>16,}{total / 1024:>11.0f}"
+              f"{total / base:>9.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, one timed repeat")
@@ -139,8 +224,16 @@ def main() -> None:
     ap.add_argument("--max-naive-gib", type=float, default=8.0,
                     help=f"skip naive sizes whose estimated peak ({NAIVE_PEAK_FACTOR} x dense S) exceeds this")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for the largest-B estimate")
+    ap.add_argument("--gather-bytes", action="store_true",
+                    help="measure bytes sent per step by 2 ranks with and without token reduction")
+    ap.add_argument("--gather-shape", default="32x49x77",
+                    help="B_local x N_img x N_txt for --gather-bytes (default 32x49x77)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.gather_bytes:
+        b, ni, nt = (int(x) for x in args.gather_shape.split("x"))
+        gather_bytes((b, ni, nt, args.dim))
+        return
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
         return

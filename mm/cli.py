@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {
                                             "merged into SAM weights)", "mm-merge-lora"),
     "structure": Command("mm.tasks.structure_cli", "STRUCTURE preparation: cache features, select layers",
                          "mm-structure"),
+    "filip-heatmap": Command("mm.evaluate.heatmap", "heat map of a FILIP export's token-wise scores of a caption "
+                                                    "over an image (PNG)"),
     "scenegraph": Command("mm.scenegraph.cli", "parse captions into scene graphs and show their hard negatives",
                           "mm-scenegraph"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -11,11 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import mm.losses.filip as filip_mod
 from mm.losses.filip import (
     filip_loss,
     filip_similarity,
     filip_similarity_chunked,
     select_image_tokens,
+    select_text_tokens,
 )
 from mm.models.filip import text_token_mask
 
@@ -153,6 +156,49 @@ def test_token_selection_scores_by_best_local_text_token():
     assert torch.equal(touched, torch.zeros_like(touched).scatter_(1, idx, True))
 
 
+def test_text_selection_scores_by_best_local_image_token():
+    v, vm, t, tm, _ = make_inputs(b=3, ni=5, nt=8, seed=7)
+    tm[0, 1:] = False  # a one-token caption: its pads are taken last, and stay masked
+    idx = select_text_tokens(t, tm, v, vm, keep=0.25)
+    assert idx.shape == (3, 2)
+    sim = torch.einsum("rd,kd->rk", F.normalize(t.reshape(-1, 8), dim=-1),
+                       F.normalize(v[vm], dim=-1)).amax(1).view(3, 8).masked_fill(~tm, float("-inf"))
+    assert torch.equal(idx, sim.topk(2, dim=1).indices.sort(1).values)
+    assert tm.gather(1, idx)[0].tolist() == [True, False]
+
+
+def reduced_reference(v, vm, t, tm, keep, rows_per_rank):
+    """Each rank's rows reduced on their own (scores against that rank's tokens only), then the dense
+    naive loss on the concatenation: what FILIP's reduction before the gather must compute."""
+    vs, vms, ts, tms = [], [], [], []
+    for r0 in range(0, v.shape[0], rows_per_rank):
+        sl = slice(r0, r0 + rows_per_rank)
+        # Scores by plain cosine maxima, written out again rather than calling select_tokens.
+        sim = torch.einsum("ikd,jrd->ikjr", F.normalize(v[sl], dim=-1), F.normalize(t[sl], dim=-1)).detach()
+        img_score = sim.masked_fill(~tm[sl][None, None], float("-inf")).amax((2, 3))
+        txt_score = sim.masked_fill(~vm[sl][:, :, None, None], float("-inf")).amax((0, 1))
+        img_score = img_score.masked_fill(~vm[sl], float("-inf"))
+        txt_score = txt_score.masked_fill(~tm[sl], float("-inf"))
+        ki = img_score.topk(math.ceil(v.shape[1] * keep), 1).indices
+        kt = txt_score.topk(math.ceil(t.shape[1] * keep), 1).indices
+        vs.append(v[sl].gather(1, ki[..., None].expand(-1, -1, v.shape[2])))
+        vms.append(vm[sl].gather(1, ki))
+        ts.append(t[sl].gather(1, kt[..., None].expand(-1, -1, t.shape[2])))
+        tms.append(tm[sl].gather(1, kt))
+    return torch.cat(vs), torch.cat(vms), torch.cat(ts), torch.cat(tms)
+
+
+def test_reduction_of_both_modalities_matches_naive_on_the_kept_tokens():
+    v, vm, t, tm, scale = make_inputs(b=4, ni=8, nt=8, seed=8, pad_images=True)
+
+    def reference(v, vm, t, tm, s):
+        return naive_loss(*reduced_reference(v, vm, t, tm, 0.25, 4), s)
+
+    for a, b in zip(loss_and_grads(ours(keep_image_tokens=0.25, keep_text_tokens=0.25), v, vm, t, tm, scale),
+                    loss_and_grads(reference, v, vm, t, tm, scale)):
+        assert_close(a, b)
+
+
 def test_text_token_mask_open_clip_conventions():
     sot, eot = 49406, 49407
     ids = torch.tensor([[sot, 320, 0, 1929, eot, 0, 0],  # 0 inside the caption is the BPE id of "!"
@@ -184,7 +230,8 @@ def _rank_main(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         b_local = 3
-        v, vm, t, tm, scale = make_inputs(b=b_local * world, seed=11, pad_images=True)
+        nt = 8
+        v, vm, t, tm, scale = make_inputs(b=b_local * world, ni=8, nt=nt, seed=11, pad_images=True)
         local = slice(rank * b_local, (rank + 1) * b_local)
 
         def run(**kw):
@@ -208,6 +255,29 @@ def _rank_main(rank: int, world: int, port: int) -> None:
         # Narrow gather: only the other ranks' tokens are rounded, so the loss moves a little.
         for a, b in zip(run(gather_dtype=torch.bfloat16), single):
             assert torch.allclose(a, b, atol=5e-2, rtol=5e-2), (a - b).abs().max()
+        # FILIP's reduction before the gather: what is sent shrinks, and the loss is the dense loss
+        # on the tokens each rank kept from its own rows.
+        sent = []
+        real_with, real_no = filip_mod.all_gather_with_grad, filip_mod.all_gather_no_grad
+        filip_mod.all_gather_with_grad = lambda x: (sent.append(tuple(x.shape)), real_with(x))[1]
+        filip_mod.all_gather_no_grad = lambda x: (sent.append(tuple(x.shape)), real_no(x))[1]
+        try:
+            full = run(chunk_size=2)
+            sent_full, sent[:] = list(sent), []
+            reduced = run(keep_image_tokens=0.25, keep_text_tokens=0.25)
+        finally:
+            filip_mod.all_gather_with_grad, filip_mod.all_gather_no_grad = real_with, real_no
+        d = v.shape[-1]
+        # Text tokens, their mask, then the (B_local, B_global) text->image score block.
+        assert sent_full == [(b_local, nt, d), (b_local, nt), (b_local, b_local * world)]
+        assert sent == [(b_local, 2, d), (b_local, 2), (b_local, b_local * world)]
+        assert not torch.allclose(full[0], reduced[0])
+
+        def reference(v_, vm_, t_, tm_, s_):
+            return naive_loss(*reduced_reference(v_, vm_, t_, tm_, 0.25, b_local), s_)
+
+        for a, b in zip(reduced, loss_and_grads(reference, v, vm, t, tm, scale)):
+            assert_close(a, b)
         # gather=False on several ranks: each rank on its own rows only.
         out = filip_loss(v[local], vm[local], t[local], tm[local], scale, gather=False)
         assert out["logits_i2t"].shape == (b_local, b_local)

@@ -67,6 +67,25 @@ def test_memory_settings_of_earlier_versions_are_read_as_loss_settings(tmp_path)
     assert (loss.chunk_size, loss.gather_dtype, loss.keep_image_tokens) == (3, torch.float16, 0.5)
 
 
+def test_token_reduction_settings_reach_the_loss_and_bad_values_are_refused():
+    cfg = load_config(ROOT / "configs/filip/tiny.yaml", TINY + ["loss.keep_image_tokens=0.25",
+                                                                "loss.keep_text_tokens=0.25"], FilipRunConfig)
+    loss = get_task("filip", cfg).loss
+    assert (loss.keep_image_tokens, loss.keep_text_tokens) == (0.25, 0.25)
+    default = get_task("filip", load_config(ROOT / "configs/filip/tiny.yaml", TINY, FilipRunConfig))
+    assert default.loss.keep_text_tokens is None  # 0 = off
+    with pytest.raises(UserError, match=r"loss.keep_text_tokens must be in \[0, 1\]"):
+        get_task("filip", load_config(ROOT / "configs/filip/tiny.yaml", TINY + ["loss.keep_text_tokens=1.5"],
+                                      FilipRunConfig))
+
+
+def test_clutter_configs_compare_like_with_like():
+    clip = load_config(ROOT / "configs/clip/clutter.yaml", [], get_task("clip").config_class)
+    filip = load_config(ROOT / "configs/filip/clutter.yaml", [], FilipRunConfig)
+    assert clip.model.arch == filip.model.arch and clip.optim == filip.optim and clip.data == filip.data
+    assert (clip.train.steps, clip.eval.zeroshot_data) == (filip.train.steps, filip.eval.zeroshot_data)
+
+
 def test_every_parameter_trains_and_gets_a_gradient(task_cfg, model):
     task, _ = task_cfg
     assert all(p.requires_grad for p in model.parameters())

@@ -112,3 +112,64 @@ def test_shards_read_back_with_the_contract_fields(tmp_path):
         assert (image.mode, image.size, mask.mode, mask.size) == ("RGB", (40, 40), "L", (40, 40))
         meta = json.loads(s["json"])
         assert s["txt"].decode().startswith("a ") and "scene_graph" in meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# The clutter world
+
+
+def test_clutter_captions_name_objects_truly_and_uniquely():
+    from mm.data.synthetic import CLUTTER_RGB, COLOURS, POSITION_PHRASES, position_of, render_clutter
+
+    for i in range(200):
+        scene = render_clutter(random.Random(i), 64)
+        objects, boxes, named = scene.scene_graph["objects"], scene.boxes, scene.named
+        assert 4 <= len(objects) <= 6 and 1 <= len(named) <= 2 and len(set(named)) == len(named)
+        assert any(o["attributes"][0] in COLOURS for o in objects)
+        phrases = [f"a {o['attributes'][0]} {o['name']} {POSITION_PHRASES[position_of(b, 64)]}"
+                   for o, b in zip(objects, boxes)]
+        assert scene.caption == " and ".join(phrases[j] for j in named)
+        for j in named:
+            assert phrases.count(phrases[j]) == 1  # the phrase picks out this object alone
+        pixels = np.asarray(scene.image)
+        for o, b in zip(objects, boxes):
+            assert max(b[2] - b[0], b[3] - b[1]) <= 0.2 * 64 + 1
+            x, y = centre(b)
+            assert tuple(pixels[int(y), int(x)]) == CLUTTER_RGB[o["attributes"][0]]
+        for a in range(len(boxes)):  # objects never overlap
+            for c in range(a):
+                p, q = boxes[a], boxes[c]
+                assert p[2] <= q[0] or q[2] <= p[0] or p[3] <= q[1] or q[3] <= p[1]
+
+
+def test_clutter_labelled_set_has_one_class_object_among_neutral_distractors(tmp_path):
+    from mm.data.synthetic import NEUTRALS, write_clutter
+
+    samples = read_shards(write_clutter(tmp_path, 2 * len(CLASSNAMES), seed=1, balanced=True))
+    assert Counter(json.loads(s["json"])["label"] for s in samples) == {k: 2 for k in range(len(CLASSNAMES))}
+    for s in samples:
+        meta = json.loads(s["json"])
+        objects = meta["scene_graph"]["objects"]
+        target = objects[meta["named"][0]]
+        assert f"{target['attributes'][0]} {target['name']}" == CLASSNAMES[meta["label"]] == meta["classname"]
+        others = [o for k, o in enumerate(objects) if k != meta["named"][0]]
+        assert all(o["attributes"][0] in NEUTRALS for o in others)
+        # The class's shape also appears on a distractor: shape alone does not give the class away.
+        assert any(o["name"] == target["name"] for o in others)
+        assert s["txt"].decode().startswith(f"a {CLASSNAMES[meta['label']]} ")
+
+
+def test_clutter_cli_is_deterministic_and_refuses_shapes_options(tmp_path, capsys):
+    from mm.data.cli import main
+
+    assert main(["synthetic", "--world", "clutter", "--out", str(tmp_path / "a"), "--num-samples", "6"]) == 0
+    assert main(["synthetic", "--world", "clutter", "--out", str(tmp_path / "b"), "--num-samples", "6",
+                 "--shard-size", "4"]) == 0
+    a, b = read_shards(str(tmp_path / "a/clutter-000000.tar")), read_shards(
+        [str(tmp_path / "b/clutter-000000.tar"), str(tmp_path / "b/clutter-000001.tar")])
+    assert [s["png"] for s in a] == [s["png"] for s in b] and [s["txt"] for s in a] == [s["txt"] for s in b]
+    for bad in (["--single-fraction", "0.3"], ["--image-size", "40"]):
+        with pytest.raises(SystemExit) as e:
+            main(["synthetic", "--world", "clutter", "--out", str(tmp_path / "c"), "--num-samples", "6", *bad])
+        assert e.value.code == 2
+    assert not (tmp_path / "c").exists()

@@ -2,6 +2,7 @@
 
   mm-shards synthetic --out data/shapes --num-samples 2000
   mm-shards synthetic --world vessels --out data/vessels --num-samples 500
+  mm-shards synthetic --world clutter --out data/clutter/val --num-samples 240 --balanced --seed 1
   mm-shards folder --images imgs/ --captions captions.csv --out data/pairs
   mm-shards coco --annotations captions_val2017.json --images val2017/ --out data/coco --scene-graphs auto
   mm-shards seg --images DRIVE/training/images --masks DRIVE/training/1st_manual --image-suffix _training \
@@ -22,13 +23,13 @@ from mm.data.shards import (
     write_coco_shards,
     write_image_text_shards,
 )
-from mm.data.synthetic import CLASSNAMES, write_shapes_world, write_vessels
+from mm.data.synthetic import CLASSNAMES, write_clutter, write_shapes_world, write_vessels
 from mm.errors import UserError, cli_main
 from mm.scenegraph.parse import INSTALL_HINT, PARSERS
 
 _SHOWN_SKIPS = 10
 EXIT_SOME_SKIPPED = 1
-WORLDS = ("shapes", "vessels")
+WORLDS = ("shapes", "vessels", "clutter")
 
 _DESCRIPTION = """\
 Write WebDataset shards named OUT/PREFIX-000000.tar, OUT/PREFIX-000001.tar, ...
@@ -48,24 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
-        "synthetic", help="the synthetic shapes or vessels world (demo and tests)",
+        "synthetic", help="the synthetic shapes, vessels or clutter world (demo and tests)",
         description="shapes: coloured shapes on a dark background, alone (labelled with one of "
                     f"{len(CLASSNAMES)} classes such as '{CLASSNAMES[0]}') or two in a spatial relation, "
                     "with captions, scene graphs and masks. vessels: segmentation only, 2-5 thin "
                     "branching curves (1-3 px) on a dark reddish fundus-like background, with their "
-                    "masks. Deterministic for a given seed.")
+                    "masks. clutter: 4-6 small objects among faint strokes, captions naming one or two "
+                    "by colour, shape and position (json 'named': their indices); with --balanced one "
+                    "object of a labelled class among neutral-coloured distractors. Deterministic for a "
+                    "given seed.")
     p.add_argument("--world", choices=WORLDS, default="shapes", help="which world (default shapes)")
     p.add_argument("--num-samples", type=int, default=2000, help="number of samples (default 2000)")
     p.add_argument("--image-size", type=int, default=64,
-                   help="image side in pixels, at least 32 (default 64)")
+                   help="image side in pixels, at least 32, clutter 48 (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
     p.add_argument("--single-fraction", type=float,
                    help="shapes only: share of single-object scenes; the rest show two related objects "
                         "(default 0.5)")
     p.add_argument("--balanced", action="store_true",
-                   help="shapes only: write a zero-shot evaluation set instead: single labelled objects, "
-                        f"every class equally often (--num-samples must be a multiple of {len(CLASSNAMES)}); use "
-                        "another --seed than the training set")
+                   help="shapes and clutter: write a zero-shot evaluation set instead: single labelled "
+                        "objects (clutter: among neutral distractors), every class equally often "
+                        f"(--num-samples must be a multiple of {len(CLASSNAMES)}); use another --seed than "
+                        "the training set")
     _add_output_options(p, prefix="", shard_size=500, images=False, default_prefix="the world's name")
 
     p = commands.add_parser(
@@ -210,6 +215,11 @@ def _run(args: argparse.Namespace) -> ShardReport:
                 raise UserError("--single-fraction and --balanced apply to --world shapes only")
             shards = write_vessels(args.out, args.num_samples, image_size=args.image_size, seed=args.seed,
                                    **common)
+        elif args.world == "clutter":
+            if args.single_fraction is not None:
+                raise UserError("--single-fraction applies to --world shapes only")
+            shards = write_clutter(args.out, args.num_samples, image_size=args.image_size, seed=args.seed,
+                                   balanced=args.balanced, **common)
         else:
             single = 0.5 if args.single_fraction is None else args.single_fraction
             shards = write_shapes_world(args.out, args.num_samples, image_size=args.image_size,

@@ -6,6 +6,9 @@ background. Shapes are solid, colours saturated and far apart: the point is a si
 up in minutes, not realism. Every sample also carries the union of its shapes as a binary mask, so the
 same shards serve segmentation, and a scene graph for structure-aware training.
 
+The clutter world (render_clutter, write_clutter) is where fine-grained matching matters: 4-6 small
+objects on a cluttered background, captions naming one or two of them by colour, shape and position.
+
 The vessels world (render_vessels, write_vessels, at the end) is segmentation only: thin branching
 curves on a fundus-like background, for thin-structure (clDice) tests and demos without DRIVE.
 """
@@ -51,12 +54,15 @@ class Scene:
     boxes: list[tuple[int, int, int, int]]  # per scene-graph object: (x0, y0, x1, y1), x1 and y1 exclusive
     label: int | None = None  # index into CLASSNAMES, single-object scenes only
     classname: str | None = None
+    named: list[int] | None = None  # clutter world: scene-graph indices of the objects the caption names
 
     def metadata(self) -> dict[str, Any]:
         """The sample's json field."""
         meta: dict[str, Any] = {"scene_graph": self.scene_graph, "boxes": [list(b) for b in self.boxes]}
         if self.label is not None:
             meta.update(label=self.label, classname=self.classname)
+        if self.named is not None:
+            meta["named"] = self.named
         return meta
 
 
@@ -155,6 +161,134 @@ def write_shapes_world(out_dir: str | os.PathLike, num_samples: int, image_size:
             rng = random.Random(f"shapes:{stream}:{seed}:{i}")
             scene = render_scene(rng, image_size, single_fraction,
                                  label=i % len(CLASSNAMES) if balanced else None)
+            yield {"__key__": f"{i:08d}", "png": png_bytes(scene.image), "mask.png": png_bytes(scene.mask),
+                   "txt": scene.caption.encode("utf-8"), "json": json.dumps(scene.metadata()).encode("utf-8")}
+
+    return write_samples(samples(), out_dir, prefix, shard_size, overwrite)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The clutter world: small objects among distractors, for token-wise (FILIP) matching.
+#
+# In the shapes world one object fills a third of the picture, so a pooled embedding already says
+# everything a caption does. Here a caption names one or two of 4-6 small objects, so the words must
+# bind to a few patches. Objects in the class colours (COLOURS) are what labels and most captions name;
+# neutral colours make the distractors. The labelled (balanced) set holds exactly one object in a class
+# colour among 3-5 neutral distractors, at least one of which has its shape: the class (colour + shape
+# of that one object) cannot be read off "which colours and which shapes appear somewhere".
+
+NEUTRALS = ("grey", "white", "brown")
+NEUTRAL_RGB = {"grey": (130, 130, 130), "white": (235, 235, 235), "brown": (150, 95, 45)}
+CLUTTER_RGB = {**COLOUR_RGB, **NEUTRAL_RGB}
+POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
+POSITION_PHRASES = {"top left": "at the top left", "top": "at the top", "top right": "at the top right",
+                    "left": "on the left", "centre": "in the centre", "right": "on the right",
+                    "bottom left": "at the bottom left", "bottom": "at the bottom",
+                    "bottom right": "at the bottom right"}
+_CLUTTER_OBJECTS = (4, 6)
+_CLUTTER_SIZE = (0.14, 0.2)  # side of an object's box, as a share of the image side
+_CLUTTER_STROKES = (8, 14)  # faint lines and specks behind the objects
+MIN_CLUTTER_SIZE = 48  # smaller, and the objects are a few pixels wide
+
+
+def position_of(box: tuple[int, int, int, int], image_size: int) -> str:
+    """The 3 x 3 grid cell of the box's centre, as a caption names it."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    col, row = min(2, int(3 * cx / image_size)), min(2, int(3 * cy / image_size))
+    return POSITIONS[3 * row + col]
+
+
+def _place_boxes(rng: random.Random, s: int, n: int) -> list[tuple[int, int, int, int]]:
+    """n non-overlapping square boxes with a 2 px gap; retried from scratch in the rare dead end."""
+    lo, hi = round(_CLUTTER_SIZE[0] * s), round(_CLUTTER_SIZE[1] * s)
+    while True:
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(200 * n):
+            side = rng.randint(lo, hi)
+            x, y = rng.randint(_MARGIN, s - _MARGIN - side), rng.randint(_MARGIN, s - _MARGIN - side)
+            box = (x, y, x + side, y + side)
+            if all(box[0] >= b[2] + 2 or b[0] >= box[2] + 2 or box[1] >= b[3] + 2 or b[1] >= box[3] + 2
+                   for b in boxes):
+                boxes.append(box)
+                if len(boxes) == n:
+                    return boxes
+
+
+def render_clutter(rng: random.Random, image_size: int, label: int | None = None) -> Scene:
+    """One clutter scene. Without `label`: 4-6 objects, 1-3 of them in class colours, and a caption
+    naming one or two objects (class-coloured ones first) by colour, shape and position, each
+    phrase true of that object alone. With `label`: that class's object among neutral distractors.
+
+    The json's `named` lists the scene-graph indices of the objects the caption names, in order.
+    """
+    s = image_size
+    noise_seed = rng.getrandbits(64)
+    n = rng.randint(*_CLUTTER_OBJECTS)
+    boxes = _place_boxes(rng, s, n)
+    if label is not None:
+        target_colour, target_shape = _colour_shape(label)
+        kinds = [(target_colour, target_shape), (rng.choice(NEUTRALS), target_shape)]
+        kinds += [(rng.choice(NEUTRALS), rng.choice(SHAPES)) for _ in range(n - 2)]
+        order = [0] + rng.sample(range(1, n), n - 1)  # the target first; distractors in random order
+        kinds = [kinds[i] for i in order]
+        named = [0]
+    else:
+        coloured = rng.randint(1, 3)
+        kinds = [(rng.choice(COLOURS), rng.choice(SHAPES)) for _ in range(coloured)]
+        kinds += [(rng.choice(NEUTRALS), rng.choice(SHAPES)) for _ in range(n - coloured)]
+        named = []
+    phrases = [f"a {c} {sh} {POSITION_PHRASES[position_of(b, s)]}" for (c, sh), b in zip(kinds, boxes)]
+    if label is None:
+        # Only objects whose phrase describes nothing else in the scene can be named.
+        unique = [i for i in range(n) if phrases.count(phrases[i]) == 1]
+        first = [i for i in unique if kinds[i][0] in COLOURS] or unique
+        named = [rng.choice(first)]
+        if rng.random() < 0.5 and len(unique) > 1:
+            named.append(rng.choice([i for i in unique if i != named[0]]))
+    caption = " and ".join(phrases[i] for i in named)
+
+    pixels = np.random.default_rng(noise_seed).integers(-_NOISE, _NOISE + 1, (s, s, 3)) + _BACKGROUND
+    image = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(*_CLUTTER_STROKES)):  # dim, desaturated: clutter, never an object
+        grey = rng.randint(45, 80)
+        colour = tuple(grey + rng.randint(-10, 10) for _ in range(3))
+        if rng.random() < 0.5:
+            draw.line([(rng.uniform(0, s), rng.uniform(0, s)) for _ in range(2)], fill=colour, width=1)
+        else:
+            x, y, r = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(1, 2.5)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    mask = Image.new("L", (s, s), 0)
+    for (colour, shape), box in zip(kinds, boxes):
+        _draw(draw, shape, box, CLUTTER_RGB[colour])
+        _draw(ImageDraw.Draw(mask), shape, box, 255)
+    objects = [{"name": shape, "attributes": [colour]} for colour, shape in kinds]
+    return Scene(image=image, mask=mask, caption=caption, scene_graph={"objects": objects, "relations": []},
+                 boxes=boxes, label=label, classname=CLASSNAMES[label] if label is not None else None,
+                 named=named)
+
+
+def write_clutter(out_dir: str | os.PathLike, num_samples: int, image_size: int = 64, seed: int = 0,
+                  shard_size: int = 500, prefix: str = "clutter", balanced: bool = False,
+                  overwrite: bool = False, progress: bool = False) -> list[str]:
+    """Write clutter-world shards (png, mask.png, txt, json); returns the shard paths.
+
+    Sample i depends only on (seed, i, balanced). `balanced` writes the labelled fine-grained set:
+    one class-coloured object among neutral distractors, every class of CLASSNAMES equally often.
+    An unbalanced set with another seed is the retrieval set.
+    """
+    if num_samples < 1:
+        raise UserError(f"number of samples must be at least 1, got {num_samples}")
+    if image_size < MIN_CLUTTER_SIZE:
+        raise UserError(f"image size must be at least {MIN_CLUTTER_SIZE} for the clutter world, got {image_size}")
+    if balanced and num_samples % len(CLASSNAMES):
+        raise UserError(f"a balanced set needs a multiple of {len(CLASSNAMES)} samples, got {num_samples}")
+
+    def samples() -> Iterator[dict[str, bytes]]:
+        stream = "balanced" if balanced else "mixed"
+        for i in tqdm(range(num_samples), desc="scenes", unit="img", disable=not progress):
+            scene = render_clutter(random.Random(f"clutter:{stream}:{seed}:{i}"), image_size,
+                                   label=i % len(CLASSNAMES) if balanced else None)
             yield {"__key__": f"{i:08d}", "png": png_bytes(scene.image), "mask.png": png_bytes(scene.mask),
                    "txt": scene.caption.encode("utf-8"), "json": json.dumps(scene.metadata()).encode("utf-8")}
 

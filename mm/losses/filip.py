@@ -21,6 +21,9 @@ text->image rows of a local text need s^T against every rank's images, so the sm
 s^T block is all-gathered (with gradient) instead of gathering image tokens and computing a second
 B_local x B_global x N_img x N_txt block. Every rank must hold the same B_local and the same padded
 token counts (the data layer pads captions to a fixed context length and images have a fixed patch grid).
+
+Token reduction (FILIP's, optional): each rank keeps the top fraction of its image tokens and of its
+text tokens, chosen BEFORE the gather, so the gathered text tensor is (B, ceil(keep * N_txt), d).
 """
 
 from __future__ import annotations
@@ -207,27 +210,50 @@ def filip_similarity_chunked(img: torch.Tensor, img_mask: torch.Tensor, txt: tor
 # Token reduction
 
 
+def _n_keep(keep: float, n: int, what: str) -> int:
+    if not 0 < keep <= 1:
+        raise ValueError(f"{what} must be in (0, 1], got {keep}")
+    return min(n, max(1, math.ceil(keep * n - 1e-9)))
+
+
 @torch.no_grad()
+def select_tokens(tokens: torch.Tensor, mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor,
+                  keep: float) -> torch.Tensor:
+    """Indices (B, n_keep), in original order, of each row's top `keep` fraction of tokens.
+
+    FILIP's token reduction: a token's score is its best cosine similarity to any valid LOCAL token
+    of the other modality (all of this rank's rows, not only its own pair). n_keep = ceil(keep * N)
+    is the same for every row so the result stays a dense tensor; pad tokens score -inf and are taken
+    last, so a row keeps min(n_valid, n_keep) real tokens and the kept pads stay masked.
+    """
+    b, n, d = tokens.shape
+    n_keep = _n_keep(keep, n, "keep fraction")
+    tok = F.normalize(tokens.float(), dim=-1).reshape(b * n, d)
+    ref = F.normalize(other.float()[other_mask.bool()], dim=-1)  # (M, d): valid local tokens
+    score = torch.full((b * n,), float("-inf"), device=tokens.device)
+    step = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, b * n))
+    for m0 in range(0, ref.shape[0], step):
+        score = torch.maximum(score, (tok @ ref[m0:m0 + step].T).amax(1))
+    score = score.view(b, n).masked_fill(~mask.bool(), float("-inf"))
+    return score.topk(n_keep, dim=1).indices.sort(dim=1).values
+
+
 def select_image_tokens(img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
                         keep: float) -> torch.Tensor:
-    """Indices (B, n_keep), in original order, of each image's top `keep` fraction of tokens.
+    """`select_tokens` for image tokens, scored against the local text tokens."""
+    _n_keep(keep, img.shape[1], "keep_image_tokens")
+    return select_tokens(img, img_mask, txt, txt_mask, keep)
 
-    FILIP's token reduction: a token's score is its best cosine similarity to any valid LOCAL text
-    token (all captions on this rank, not only its own). n_keep = ceil(keep * N_img) is the same for
-    every image so the result stays a dense tensor; pad image tokens score -inf and are taken last.
-    """
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep_image_tokens must be in (0, 1], got {keep}")
-    b, ni, d = img.shape
-    n_keep = min(ni, max(1, math.ceil(keep * ni - 1e-9)))
-    img_n = F.normalize(img.float(), dim=-1).reshape(b * ni, d)
-    txt_n = F.normalize(txt.float()[txt_mask.bool()], dim=-1)  # (M, d): valid local text tokens
-    score = torch.full((b * ni,), float("-inf"), device=img.device)
-    step = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, b * ni))
-    for m0 in range(0, txt_n.shape[0], step):
-        score = torch.maximum(score, (img_n @ txt_n[m0:m0 + step].T).amax(1))
-    score = score.view(b, ni).masked_fill(~img_mask.bool(), float("-inf"))
-    return score.topk(n_keep, dim=1).indices.sort(dim=1).values
+
+def select_text_tokens(txt: torch.Tensor, txt_mask: torch.Tensor, img: torch.Tensor, img_mask: torch.Tensor,
+                       keep: float) -> torch.Tensor:
+    """`select_tokens` for text tokens, scored against the local image tokens."""
+    _n_keep(keep, txt.shape[1], "keep_text_tokens")
+    return select_tokens(txt, txt_mask, img, img_mask, keep)
+
+
+def _take(tokens: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1])), mask.gather(1, idx)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,7 +275,8 @@ def _gather_rows(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def filip_loss(img_tokens: torch.Tensor, img_mask: torch.Tensor | None, txt_tokens: torch.Tensor,
                txt_mask: torch.Tensor | None, scale: torch.Tensor, chunk_size: int | None = None,
                gather: bool = True, gather_dtype: torch.dtype | None = None,
-               keep_image_tokens: float | None = None, store_indices: bool = True) -> dict[str, torch.Tensor]:
+               keep_image_tokens: float | None = None, store_indices: bool = True,
+               keep_text_tokens: float | None = None) -> dict[str, torch.Tensor]:
     """FILIP loss of this rank's rows against the candidates of all ranks.
 
     img_tokens (B, N_img, d) projected patch tokens (no CLS); txt_tokens (B, N_txt, d) projected text
@@ -260,17 +287,26 @@ def filip_loss(img_tokens: torch.Tensor, img_mask: torch.Tensor | None, txt_toke
     to a fixed context length). Labels are rank * B + arange(B). The returned loss is the mean over
     local rows; averaging gradients over ranks (DeepSpeed/DDP) gives the global-batch gradient.
     `gather_dtype` (e.g. torch.bfloat16) narrows what is sent; None sends tokens as they are.
-    `keep_image_tokens` (e.g. 0.25; default off) applies FILIP's token reduction (`select_image_tokens`)
-    before the loss; the selection carries no gradient, the kept tokens do.
+    `keep_image_tokens` and `keep_text_tokens` (FILIP: 0.25 each; default off) apply FILIP's token
+    reduction (`select_tokens`): each rank keeps that fraction of its own tokens, both modalities
+    scored against the other's full local tokens, BEFORE anything is gathered, so the gathered text
+    tokens shrink by `keep_text_tokens`. Image tokens are never sent (see the module docstring):
+    reducing them saves compute and memory, not bandwidth. The selection carries no gradient, the
+    kept tokens do.
     """
     b = img_tokens.shape[0]
     if txt_tokens.shape[0] != b:
         raise ValueError(f"{b} images but {txt_tokens.shape[0]} texts")
     img_mask, txt_mask = _default_mask(img_tokens, img_mask), _default_mask(txt_tokens, txt_mask)
-    if keep_image_tokens is not None:
-        keep_idx = select_image_tokens(img_tokens, img_mask, txt_tokens, txt_mask, keep_image_tokens)
-        img_tokens = img_tokens.gather(1, keep_idx[..., None].expand(-1, -1, img_tokens.shape[-1]))
-        img_mask = img_mask.gather(1, keep_idx)
+    # Both selections score against the other modality's unreduced local tokens, as the paper does.
+    img_keep = None if keep_image_tokens is None else select_image_tokens(
+        img_tokens, img_mask, txt_tokens, txt_mask, keep_image_tokens)
+    txt_keep = None if keep_text_tokens is None else select_text_tokens(
+        txt_tokens, txt_mask, img_tokens, img_mask, keep_text_tokens)
+    if img_keep is not None:
+        img_tokens, img_mask = _take(img_tokens, img_mask, img_keep)
+    if txt_keep is not None:
+        txt_tokens, txt_mask = _take(txt_tokens, txt_mask, txt_keep)
     img = F.normalize(img_tokens, dim=-1)
     txt = F.normalize(txt_tokens, dim=-1)
 
@@ -307,14 +343,16 @@ class FilipLoss(nn.Module):
 
     def __init__(self, chunk_size: int | None = None, gather: bool = True,
                  gather_dtype: torch.dtype | None = None, keep_image_tokens: float | None = None,
-                 store_indices: bool = True) -> None:
+                 store_indices: bool = True, keep_text_tokens: float | None = None) -> None:
         super().__init__()
         self.chunk_size, self.gather, self.gather_dtype = chunk_size, gather, gather_dtype
         self.keep_image_tokens, self.store_indices = keep_image_tokens, store_indices
+        self.keep_text_tokens = keep_text_tokens
 
     def forward(self, img_tokens: torch.Tensor, img_mask: torch.Tensor | None, txt_tokens: torch.Tensor,
                 txt_mask: torch.Tensor | None, scale: torch.Tensor) -> dict[str, torch.Tensor]:
         out = filip_loss(img_tokens, img_mask, txt_tokens, txt_mask, scale, chunk_size=self.chunk_size,
                          gather=self.gather, gather_dtype=self.gather_dtype,
-                         keep_image_tokens=self.keep_image_tokens, store_indices=self.store_indices)
+                         keep_image_tokens=self.keep_image_tokens, store_indices=self.store_indices,
+                         keep_text_tokens=self.keep_text_tokens)
         return {k: v for k, v in out.items() if not k.startswith("logits_")}

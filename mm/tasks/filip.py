@@ -1,6 +1,6 @@
 """FILIP: token-wise late-interaction contrastive pretraining (docs/methods.md §1) on the shared engine.
 
-The loss's memory settings (loss.chunk_size, loss.gather_dtype, loss.keep_image_tokens) change how
+The loss's memory settings (loss.chunk_size, loss.gather_dtype, loss.keep_*_tokens) change how
 the loss is computed, not the model: a run may resume with other values. Configs and exports written
 when they sat under `model:` are read with them moved.
 """
@@ -30,6 +30,7 @@ class FilipLossConfig:
     chunk_size: int = 0  # text candidates per similarity chunk; 0 = sized automatically
     gather_dtype: str = ""  # dtype text tokens are all-gathered in: "" (as they are), bf16, fp16
     keep_image_tokens: float = 0.0  # FILIP token reduction: fraction of image tokens kept; 0 = off
+    keep_text_tokens: float = 0.0  # the same for text tokens, chosen before the gather (FILIP: 0.25 both)
 
 
 @dataclass
@@ -46,8 +47,10 @@ def check_loss_config(loss: FilipLossConfig) -> None:
         raise UserError(f"loss.chunk_size must be >= 0 (0 = auto), got {loss.chunk_size}")
     if loss.gather_dtype not in GATHER_DTYPES:
         raise UserError(f"loss.gather_dtype must be one of '', bf16, fp16; got {loss.gather_dtype!r}")
-    if not 0 <= loss.keep_image_tokens <= 1:
-        raise UserError(f"loss.keep_image_tokens must be in [0, 1] (0 = off), got {loss.keep_image_tokens}")
+    for key in ("keep_image_tokens", "keep_text_tokens"):
+        value = getattr(loss, key)
+        if not 0 <= value <= 1:
+            raise UserError(f"loss.{key} must be in [0, 1] (0 = off), got {value}")
 
 
 class FilipTask(TaskBase):
@@ -59,7 +62,8 @@ class FilipTask(TaskBase):
         lc = self.cfg.loss
         check_loss_config(lc)
         self.loss = FilipLoss(chunk_size=lc.chunk_size or None, gather_dtype=GATHER_DTYPES[lc.gather_dtype],
-                              keep_image_tokens=lc.keep_image_tokens or None)
+                              keep_image_tokens=lc.keep_image_tokens or None,
+                              keep_text_tokens=lc.keep_text_tokens or None)
 
     def build_model(self, load_pretrained: bool = True) -> torch.nn.Module:
         return FilipModel(self.cfg.model, load_pretrained)
