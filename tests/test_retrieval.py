@@ -173,7 +173,7 @@ def _run_cli(path, urls, out, *extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "eval/retrieval.py", "--checkpoint", str(path), "--data", urls,
                            "--batch-size", "4", "--output", str(out), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=600, check=False)
     return proc
 
 
