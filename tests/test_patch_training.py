@@ -202,3 +202,31 @@ def test_chase_squares_land_on_the_retina():
         ref, _, _ = patch_crop(stacked, mask, fov, 256, random.Random(seed), cfg)
         torch.testing.assert_close(m, (ref[3:4] > 500).float(), rtol=0, atol=0)
         torch.testing.assert_close(v, (ref[4:5] > 500).float(), rtol=0, atol=0)
+
+
+def test_images_smaller_than_the_square_are_padded_as_inference_pads():
+    """Training pads to the normalisation mean, so the model sees about 0 there, as tile_logits' zero
+    padding after normalising gives it at inference; padding is outside `valid`."""
+    image = coded_image(30, 40)
+    raw = {"__key__": "a", "png": _png(image.permute(1, 2, 0).byte().numpy()),
+           "mask.png": _png((checker_mask(image)[0] * 255).byte().numpy())}
+    data = SegDataConfig(crop_mode="patch", hflip=False, vflip=False, rot90=False)
+    out = seg_sample_map(S, data, train=True)(raw, random.Random(0))
+    assert out["image"].shape == (3, S, S)
+    assert out["image"][:, 30:, :].abs().max() < 0.02 and out["image"][:, :, 40:].abs().max() < 0.02
+    assert out["valid"][:, :30, :40].all() and out["valid"].sum() == 30 * 40
+    torch.testing.assert_close(out["image"][:, :30, :40], prepare_image(image, 40)[0][0][:, :30, :40])
+
+
+@pytest.mark.parametrize("path, task_name", [("configs/topolora_sam/chase_cpu.yaml", "topolora_sam"),
+                                             ("configs/topolora_sam/chase_vit_b.yaml", "topolora_sam"),
+                                             ("configs/unet/chase_effnet.yaml", "unet")])
+def test_chase_configs_load_and_train_on_native_squares(path, task_name):
+    from mm.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / path, [], get_task(task_name).config_class)
+    assert cfg.data.crop_mode == "patch" and cfg.data.min_fov == 0.5
+    assert cfg.data.train.endswith("chase_db1-train-{000000..000019}.tar")
+    assert cfg.data.val.endswith("chase_db1-test-{000000..000007}.tar")
+    get_task(task_name, cfg)  # the task's own checks pass

@@ -116,15 +116,23 @@ def _jitter(image: torch.Tensor, rng: random.Random, cfg: SegDataConfig) -> torc
 
 
 def patch_crop(image: torch.Tensor, mask: torch.Tensor, fov: torch.Tensor, size: int, rng: random.Random,
-               cfg: SegDataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               cfg: SegDataConfig, fill: tuple[float, ...] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A size x size square of the native-resolution image (no resize), drawn until at least
     cfg.min_fov of it is field of view (after cfg.crop_tries draws: the one with the most), then flips,
     a random 90-degree rotation and the optional colour jitter, all from `rng`. A side shorter than
-    `size` is padded (image, mask and fov 0: padding is never scored). Shapes as augment()."""
+    `size` is padded: mask and fov with 0 (padding is never scored), the image with `fill` per channel
+    (the normalisation mean, so padding reaches the model as about 0, as tile_logits pads at inference;
+    None = 0). Shapes as augment()."""
     h, w = image.shape[-2:]
     if h < size or w < size:
         pad = (0, max(0, size - w), 0, max(0, size - h))
-        image, mask, fov = (torch.nn.functional.pad(t, pad) for t in (image, mask, fov))
+        mask, fov = (torch.nn.functional.pad(t, pad) for t in (mask, fov))
+        padded = torch.nn.functional.pad(image, pad)
+        if fill is not None:
+            inside = torch.nn.functional.pad(torch.ones_like(image[:1]), pad).bool()
+            padded = torch.where(inside, padded, torch.tensor(fill, dtype=image.dtype).view(-1, 1, 1))
+        image = padded
         h, w = image.shape[-2:]
     best, best_frac = (0, 0), -1.0
     for _ in range(cfg.crop_tries):
@@ -173,7 +181,7 @@ def seg_sample_map(image_size: int, data: SegDataConfig | None = None, train: bo
         if train and data.crop_mode == "patch":
             # Squares must be cut either way; augment: false only drops the flips, rotations and jitter.
             img, m, v = patch_crop(img, m, v, image_size, rng, data if data.augment else replace(
-                data, hflip=False, vflip=False, rot90=False, color_jitter=0.0))
+                data, hflip=False, vflip=False, rot90=False, color_jitter=0.0), norm.get("mean", PIXEL_MEAN))
         elif train and data.augment:
             img, m, v = augment(img, m, v, rng, data)
         x, _ = prepare_image(img, image_size, **norm)
