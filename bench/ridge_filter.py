@@ -1,6 +1,6 @@
 """A training-free vessel segmenter as the floor any trained model must clear on CHASE_DB1.
 
-    python bench/ridge_filter.py --root ../shared/data/chase_db1
+    python bench/ridge_filter.py --root CHASEDB1 [--json out.json]
 
 Green channel (vessels are darkest there), CLAHE, Sato's ridge filter for dark tubes at a few scales,
 then one global threshold: the one maximising mean Dice on the 20 training images (children 01-10),
@@ -50,7 +50,7 @@ def mean_dice(items: list, t: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default="../shared/data/chase_db1", help="CHASE_DB1 folder (flat layout)")
+    ap.add_argument("--root", required=True, help="CHASE_DB1 folder (flat layout, as distributed)")
     ap.add_argument("--json", help="also write the pooled and per-image test metrics here")
     args = ap.parse_args()
     start = time.perf_counter()

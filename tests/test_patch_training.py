@@ -183,7 +183,7 @@ def test_provenance_records_native_scale_in_patch_mode_only(tmp_path):
     assert data_provenance(cfg) == {"train_scale": 1.0, "crop_mode": "patch"}
 
 
-@pytest.mark.skipif(not CHASE.is_dir(), reason="CHASE_DB1 is not here (../shared/data/chase_db1)")
+@pytest.mark.skipif(not CHASE.is_dir(), reason="no CHASE_DB1 copy beside the repository (shared/data/chase_db1)")
 def test_chase_squares_land_on_the_retina():
     """On a real fundus photograph (999 x 960, derived field of view) the squares are native pixels
     and at least half retina, with the vessel labels moving with the image."""
