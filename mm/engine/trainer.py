@@ -441,8 +441,8 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     if rank == 0:
         meta = {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step),
                 "mm_export": "full" if plan.keys is None else "trainable"}
-        if plan.keys is not None:
-            meta.update(plan.metadata)
+        # Full exports carry the plan's metadata too (the segmentation tasks' mm_data record).
+        meta.update(plan.metadata)
         # The image transform the model trained with (open_clip's preprocess_cfg), for its evaluators.
         meta.update(export_preprocess_metadata(engine.module))
         with checkpoint.safe_loading():  # the export reads the checkpoint files again

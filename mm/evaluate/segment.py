@@ -69,7 +69,7 @@ from mm.evaluate.seg_io import (
     read_mask,
     read_pixels,
 )
-from mm.evaluate.tiling import BLEND_MODES, blend_weights, pad_to_tile, sliding_window
+from mm.models.tiling import BLEND_MODES, blend_weights, tile_logits
 
 EXIT_SOME_FAILED = 1
 MODES = ("auto", "tile", "resize")
@@ -161,10 +161,6 @@ class Segmenter:
         self.tiles_run += batch.shape[0]
         return out
 
-    def _predict_raw(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Tiles of 0..255 pixels (uint8 or float), normalised here one batch at a time."""
-        return self._predict((tiles.float() - self.mean) / self.std)
-
     def scaled_shape(self, height: int, width: int) -> tuple[int, int] | None:
         """The size auto mode resizes the image to (the training scale), None when unknown."""
         s = self.options.train_scale
@@ -182,18 +178,8 @@ class Segmenter:
 
     def _tile(self, image: torch.Tensor) -> torch.Tensor:
         """(H, W) logits of a (3, H, W) 0..255 image at its own resolution."""
-        size = self.image_size
-        height, width = image.shape[-2:]
-        if height < size or width < size:
-            # Zero padding after normalisation, as SAM pads (and as the model saw in training).
-            x = pad_to_tile(((image[None].float() - self.mean) / self.std)[0], size)
-            predict = self._predict
-        else:
-            # Large images stay uint8 and are normalised tile by tile: a float copy of a 12000 x 12000
-            # RGB image alone would take 1.7 GB.
-            x, predict = image, self._predict_raw
-        out = sliding_window(predict, x, size, self.options.overlap, self.weights, self.options.batch_size)
-        return out[0, :height, :width]
+        return tile_logits(self._predict, image, self.image_size, self.mean, self.std, self.options.overlap,
+                           self.weights, self.options.batch_size)[0]
 
     def logits(self, rgb: np.ndarray) -> torch.Tensor:
         """(H, W) float32 logits on the CPU."""

@@ -15,9 +15,9 @@ Export (`<out_dir>/export/model.safetensors`, train.export):
 either kind.
 
 Validation runs at the model's input resolution (the image resized so its longest side is
-model.image_size, padding excluded); native-resolution sliding-window inference restricted to the
-field of view, as field practice evaluates vessels, is mm-segment's (mm/evaluate/segment.py). The
-export records the shards' normalisation and training scale (data_provenance) for it.
+model.image_size, padding excluded), or with data.crop_mode = patch (native-resolution training squares)
+at native resolution through mm-segment's own tiling (mm.tasks.segmentation). The export records the
+shards' normalisation and training scale (data_provenance) for mm-segment.
 """
 
 from __future__ import annotations
@@ -102,13 +102,13 @@ class TopoLoraSamTask(SegmentationTask):
 
     def export_plan(self, model: torch.nn.Module) -> ExportPlan:
         cfg = self.cfg
-        if export_kind(cfg) != "trainable":
-            return ExportPlan()
-        base = {"variant": cfg.model.variant, **checkpoint_identity(cfg.model.checkpoint)}
-        meta = {"mm_base": json.dumps(base, sort_keys=True)}
         data = data_provenance(self.cfg)
-        if data:
-            meta["mm_data"] = json.dumps(data, sort_keys=True)
+        # Full exports carry the data record too: `mm segment --mode auto` needs the training scale.
+        meta = {"mm_data": json.dumps(data, sort_keys=True)} if data else {}
+        if export_kind(cfg) != "trainable":
+            return ExportPlan(metadata=meta)
+        base = {"variant": cfg.model.variant, **checkpoint_identity(cfg.model.checkpoint)}
+        meta["mm_base"] = json.dumps(base, sort_keys=True)
         return ExportPlan(trainable_state_keys(model), meta)
 
     def build_export_base(self, meta: dict[str, str], path: str,
