@@ -21,7 +21,8 @@ def test_a_spent_budget_skips_stages_and_still_writes_the_json(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["budget_s"] == 1
-    assert set(report["trainers"]) == {"filip_vit_b16", "topolora_sam_vit_b_1024", "structure_clip_vit_b32",
+    assert set(report["trainers"]) == {"filip_vit_b16", "filip_vit_b16_ckpt_accum2", "topolora_sam_vit_b_1024",
+                                       "topolora_sam_vit_b_1024_ckpt", "structure_clip_vit_b32",
                                        "structure_heads_b4096"}
     assert all(e == {"skipped": "--budget 1 s spent"} for e in report["trainers"].values())
     assert report["seg_infer"] == report["filip_loss"] == {"skipped": "--budget 1 s spent"}
