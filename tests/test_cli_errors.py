@@ -45,7 +45,9 @@ def test_train_with_config_of_another_task(tmp_path):
 def test_zeroshot_with_a_file_that_is_not_a_checkpoint(tmp_path):
     junk = tmp_path / "model.safetensors"
     junk.write_text("not weights")
-    assert_one_line_error(run("eval/zeroshot.py", "--checkpoint", str(junk), "--data", "x.tar"), str(junk))
+    shard = tmp_path / "x.tar"  # the data are checked first, so they must exist for the checkpoint to be reached
+    shard.write_bytes(b"")
+    assert_one_line_error(run("eval/zeroshot.py", "--checkpoint", str(junk), "--data", str(shard)), str(junk))
 
 
 def test_zeroshot_with_unknown_classnames(tmp_path):
