@@ -25,7 +25,9 @@ TINY = ["model.arch.embed_dim=32", "model.arch.vision_cfg.width=32", "model.arch
 def _old_tree(cfg) -> dict:
     """A config as the earlier version saved it: memory settings in `model`, the dead data keys set."""
     tree = json.loads(config_json(cfg))
-    tree["model"].update(tree.pop("loss"))
+    loss = tree.pop("loss")
+    # the keys that lived in `model` then; later loss keys (e.g. keep_text_tokens) did not exist
+    tree["model"].update({k: loss[k] for k in ("chunk_size", "gather_dtype", "keep_image_tokens")})
     tree["data"].update(image_size=64, context_length=77)
     return tree
 

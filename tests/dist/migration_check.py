@@ -19,7 +19,8 @@ KNOBS = {"chunk_size": 0, "gather_dtype": "", "keep_image_tokens": 0.0}
 def make_old(run: Path) -> None:
     """Rewrite what the run wrote the way the earlier version wrote it."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["model"].update(cfg.pop("loss"))
+    loss = cfg.pop("loss")
+    cfg["model"].update({k: loss[k] for k in KNOBS})  # later loss keys did not exist then
     cfg["data"].update(image_size=32, context_length=77)  # dead keys of earlier versions
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     for state_file in (run / "checkpoints").glob("step*/mm_run_state.json"):
