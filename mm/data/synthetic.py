@@ -136,6 +136,16 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
+def _check_set_size(num_samples: int, image_size: int, min_size: int, balanced: bool, world: str) -> None:
+    """The checks every synthetic world's writer makes before it renders anything."""
+    if num_samples < 1:
+        raise UserError(f"number of samples must be at least 1, got {num_samples}")
+    if image_size < min_size:
+        raise UserError(f"image size must be at least {min_size}{world}, got {image_size}")
+    if balanced and num_samples % len(CLASSNAMES):
+        raise UserError(f"a balanced set needs a multiple of {len(CLASSNAMES)} samples, got {num_samples}")
+
+
 def write_shapes_world(out_dir: str | os.PathLike, num_samples: int, image_size: int = 64, seed: int = 0,
                        shard_size: int = 500, single_fraction: float = 0.5, prefix: str = "shapes",
                        balanced: bool = False, overwrite: bool = False, progress: bool = False) -> list[str]:
@@ -145,14 +155,9 @@ def write_shapes_world(out_dir: str | os.PathLike, num_samples: int, image_size:
     held-out zero-shot set instead: single objects only, every class equally often (num_samples must
     be a multiple of len(CLASSNAMES)); single_fraction is then unused.
     """
-    if num_samples < 1:
-        raise UserError(f"number of samples must be at least 1, got {num_samples}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"image size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    _check_set_size(num_samples, image_size, MIN_IMAGE_SIZE, balanced, "")
     if not 0.0 <= single_fraction <= 1.0:
         raise UserError(f"single-object fraction must be between 0 and 1, got {single_fraction}")
-    if balanced and num_samples % len(CLASSNAMES):
-        raise UserError(f"a balanced set needs a multiple of {len(CLASSNAMES)} samples, got {num_samples}")
 
     def samples() -> Iterator[dict[str, bytes]]:
         # A separate stream name keeps an evaluation set from repeating training scenes of the same seed.
@@ -277,12 +282,7 @@ def write_clutter(out_dir: str | os.PathLike, num_samples: int, image_size: int 
     one class-coloured object among neutral distractors, every class of CLASSNAMES equally often.
     An unbalanced set with another seed is the retrieval set.
     """
-    if num_samples < 1:
-        raise UserError(f"number of samples must be at least 1, got {num_samples}")
-    if image_size < MIN_CLUTTER_SIZE:
-        raise UserError(f"image size must be at least {MIN_CLUTTER_SIZE} for the clutter world, got {image_size}")
-    if balanced and num_samples % len(CLASSNAMES):
-        raise UserError(f"a balanced set needs a multiple of {len(CLASSNAMES)} samples, got {num_samples}")
+    _check_set_size(num_samples, image_size, MIN_CLUTTER_SIZE, balanced, " for the clutter world")
 
     def samples() -> Iterator[dict[str, bytes]]:
         stream = "balanced" if balanced else "mixed"
