@@ -21,7 +21,7 @@ import pytest
 from mm.engine.checkpoint import complete_tags
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 10
+STEPS = 60  # enough that a fast machine is still mid-run when the signal lands (CI once finished 10)
 TINY = ["model.arch.embed_dim=32", "model.arch.vision_cfg.width=32", "model.arch.vision_cfg.head_width=16",
         "model.arch.vision_cfg.layers=1", "model.arch.text_cfg.width=32", "model.arch.text_cfg.layers=1",
         "model.arch.text_cfg.context_length=12", "data.batch_size=4", "data.num_workers=1", "eval.zeroshot_data=",
