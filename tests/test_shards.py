@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -52,6 +53,9 @@ def check_folder_report(report, image_dir, out):
     assert reasons[str(image_dir / "broken.jpg")].startswith("cannot decode image")
     samples = read_shards(report.shards)
     assert set(samples) == {"cat", "sub_dog_v2", "scan"}  # keys without dots
+    for shard in report.shards:  # plain ustar members: a pax header per member would double the parse cost
+        with tarfile.open(shard) as tar:
+            assert all(not m.pax_headers and isinstance(m.mtime, int) for m in tar.getmembers())
     # Original bytes are kept for shard formats; other formats (TIFF) become PNG.
     assert samples["cat"]["png"] == (image_dir / "cat.png").read_bytes()
     assert samples["sub_dog_v2"]["jpg"] == (image_dir / "sub" / "dog.v2.jpg").read_bytes()

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +97,10 @@ def write_samples(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike,
     try:
         for sample in samples:
             if writer is None:  # opened lazily so that no input writes no empty shard
+                # A whole-second mtime: webdataset's default (a float) makes tarfile add a pax header to
+                # every member, which readers then parse: 2.7x the tar-parsing CPU of plain ustar members.
                 writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=partial.append,
-                                         encoder=False)
+                                         encoder=False, mtime=int(time.time()))
             writer.write(sample)
         if writer is not None:
             writer.close()
