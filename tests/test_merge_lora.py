@@ -178,8 +178,8 @@ def test_merged_file_gives_the_unmerged_outputs(trained, tmp_path, source, capsy
     sam = _segment_anything_sam()
     sam.load_state_dict(torch.load(out.with_suffix(".pth"), weights_only=True), strict=True)
     merged.adapter = torch.nn.Identity()
-    with torch.no_grad():
-        torch.testing.assert_close(stock_sam_logits(sam.eval(), _images()), merged(_images()), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # 1e-5: mm decodes the batch at once, segment_anything image by image (rounding)
+        torch.testing.assert_close(stock_sam_logits(sam.eval(), _images()), merged(_images()), atol=1e-5, rtol=1e-5)
     card = out.with_suffix(".md").read_text()
     assert card.startswith("---\nlibrary_name: segment-anything\nlicense: other\n")
     assert "mm train topolora_sam --config training_config.yaml" in card and "lora_r: 8" in card

@@ -90,33 +90,6 @@ class InferenceOptions:
     train_scale: float | None = None
 
 
-def sam_logits_batched(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """TopoLoraSam.forward with SAM's mask decoder run once for the whole batch.
-
-    segment_anything's decoder repeats ONE image's embedding per prompt, so the model (and its
-    training) decodes image by image; without prompts every image has the same prompt tokens, so the
-    decoder's steps apply to the batch as it is. The same arithmetic (tests/test_seg_batched_decode.py
-    compares with model(images)); only the single mask it keeps (multimask_output=False) is projected.
-    Inference only: it reads decoder weights outside their modules' forward, which ZeRO-3 would not
-    have gathered.
-    """
-    decoder = model.mask_decoder
-    embeddings = model.image_embeddings(images)
-    b = embeddings.shape[0]
-    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=None)
-    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)[None].expand(b, -1, -1)
-    tokens = torch.cat((tokens, sparse.expand(b, -1, -1)), dim=1)
-    src = embeddings + dense
-    pos = model.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
-    _, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos, tokens)
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0: the single-mask output
-    _, c, h, w = upscaled.shape
-    low = (hyper[:, None, :] @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
-    return F.interpolate(low, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-
-
 class Segmenter:
     """Logits at native resolution of one (H, W, 3) uint8 image with a model taking SAM inputs
     (B, 3, S, S), normalised and padded, to logits (B, 1, S, S)."""
@@ -138,10 +111,6 @@ class Segmenter:
         if options.precision == "fp16" and self.device.type != "cuda":
             raise UserError("--precision fp16 needs a GPU (--device cuda); use fp32 or bf16 on the CPU")
         self.model = model.to(self.device).eval()
-        from mm.models.sam import TopoLoraSam
-
-        # SAM's decoder, once per batch instead of once per image (sam_logits_batched).
-        self.batched_decode = isinstance(model, TopoLoraSam)
         self.image_size = image_size
         self.options = options
         self.weights = blend_weights(image_size, options.blend).to(self.device)
@@ -157,7 +126,7 @@ class Segmenter:
     def _predict(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(self.device, self.options.precision):
             batch = batch.to(self.device)
-            out = (sam_logits_batched(self.model, batch) if self.batched_decode else self.model(batch)).float()
+            out = self.model(batch).float()
         self.tiles_run += batch.shape[0]
         return out
 

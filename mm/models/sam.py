@@ -288,22 +288,40 @@ class TopoLoraSam(nn.Module):
 
     def low_res_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, S/4, S/4) single-mask logits (256 x 256 at S = 1024)."""
-        embeddings = self.image_embeddings(images)
-        # No prompt: an empty sparse set and the learned no-mask embedding as the dense prompt (batch 1,
-        # shared by every image). The prompt encoder is frozen and has no input-dependent path here.
-        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
-        image_pe = self.prompt_encoder.get_dense_pe()
-        # The mask decoder repeats each image embedding once per prompt of a batch of prompts for ONE
-        # image, so images are decoded one at a time (as Sam.forward does).
-        masks = [self.mask_decoder(image_embeddings=e[None], image_pe=image_pe,
-                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                   multimask_output=False)[0]
-                 for e in embeddings]
-        return torch.cat(masks, dim=0)
+        return decode_without_prompts(self.mask_decoder, self.prompt_encoder, self.image_embeddings(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         low = self.low_res_logits(images)
         return F.interpolate(low, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+
+
+def decode_without_prompts(decoder: nn.Module, prompt_encoder: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+    """SAM's mask decoder on a batch of image embeddings with no prompt: (B, 1, h, w) single-mask logits.
+
+    segment_anything's MaskDecoder repeats ONE image's embedding once per prompt, so Sam.forward decodes
+    image by image; without prompts every image has the same tokens (an empty sparse set, the learned
+    no-mask dense embedding), so each step of the decoder applies to the whole batch at once: the same
+    arithmetic as MaskDecoder.predict_masks image by image (tests/test_seg_batched_decode.py), several
+    times faster for small images. Decoder weights are reached through module calls only, so ZeRO-3
+    gathers them. Every hypernetwork MLP runs as in predict_masks (the unused ones get zero gradients,
+    not none), so training is unchanged; the IoU head, whose output is unused, is skipped there too.
+    """
+    b = embeddings.shape[0]
+    device = embeddings.device
+    sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)
+    n_masks = decoder.num_mask_tokens
+    output_tokens = torch.cat([decoder.iou_token(torch.zeros(1, dtype=torch.long, device=device)),
+                               decoder.mask_tokens(torch.arange(n_masks, device=device))], dim=0)
+    tokens = torch.cat((output_tokens[None].expand(b, -1, -1), sparse.expand(b, -1, -1)), dim=1)
+    src = embeddings + dense
+    pos = prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+    _, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos, tokens)
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in range(n_masks)], dim=1)
+    _, c, h, w = upscaled.shape
+    masks = (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, n_masks, h, w)
+    return masks[:, :1]  # multimask_output=False keeps mask token 0
 
 
 def build_topolora_sam(cfg: SamModelConfig, load_checkpoint: bool = True) -> TopoLoraSam:
