@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from skimage import exposure, filters, morphology
 
 from mm.data.seg_readers import read_chase_db1, read_mask, read_pixels
+from mm.errors import UserError
 from mm.metrics.segmentation import pool_metrics, segmentation_metrics
 
 SIGMAS = (1, 2, 3)
@@ -99,17 +101,27 @@ def threshold_grid(items: list, norm: str) -> np.ndarray:
     return np.unique(np.quantile(pooled, np.arange(0.70, 0.99, 0.005)))
 
 
+def _sigmas(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", required=True, help="CHASE_DB1 folder (flat layout, as distributed)")
     ap.add_argument("--json", help="also write the pooled and per-image test metrics here")
     ap.add_argument("--cache", help="folder for per-image, per-scale Sato responses (reused when present)")
-    ap.add_argument("--sigmas", default=",".join(map(str, SIGMAS)), help="Sato scales, comma-separated")
+    ap.add_argument("--sigmas", type=_sigmas, default=SIGMAS, help="Sato scales, comma-separated (default 1,2,3)")
     ap.add_argument("--norm", choices=("max", "none", "p99"), default="max")
     ap.add_argument("--fill", action="store_true", help="fill outside the FOV before filtering")
     ap.add_argument("--min-size", type=int, default=0, help="remove predicted components under N px")
     args = ap.parse_args()
-    sigmas = tuple(float(s) for s in args.sigmas.split(","))
+    sigmas = args.sigmas
     cache = Path(args.cache) if args.cache else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
@@ -136,4 +148,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a missing or malformed dataset folder: one line, as mm's commands say it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

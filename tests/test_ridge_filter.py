@@ -48,3 +48,15 @@ def test_min_size_drops_only_small_components() -> None:
     labels, n = ndimage.label(kept, structure=np.ones((3, 3)))
     assert n == 1 and kept.sum() == 20
     assert ridge.predict(r, fov, 0.5, min_size=0).sum() == 22
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for args in (["--root", str(tmp_path / "absent")], ["--root", str(tmp_path), "--sigmas", "1,x"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ridge_filter.py"), *args],
+                              capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+        assert proc.returncode == 2, proc.stderr
+        # argparse's usage lines may precede it; the message itself is the one last line
+        assert "Traceback" not in proc.stderr and "error: " in proc.stderr.strip().splitlines()[-1]
