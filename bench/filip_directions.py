@@ -7,6 +7,7 @@ each patch's best prompt token). When the class is one small object among distra
 are background or distractors, and s^I mostly measures them. s^T (text->image: the mean over prompt
 tokens of each token's best patch) looks only where the prompt's words match. This prints the
 accuracy of s^I, s^T, their mean and the pooled embedding, on the same images and prompts.
+`mm zeroshot --scoring tokenwise` and `--scoring tokenwise-mean` give the s^I and mean figures.
 """
 
 from __future__ import annotations

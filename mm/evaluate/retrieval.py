@@ -5,7 +5,8 @@ writes it) or else the lines of its txt (one caption per line, as CLIP_benchmark
 hold them), and every one of them counts as correct (CLIP_benchmark protocol). --data may also be a
 CLIP_benchmark WebDataset root (dataset_type.txt `retrieval`, `<split>/nshards.txt`, `<split>/N.tar`).
 `--scoring tokenwise` ranks with FILIP's token-wise similarities (s^I for image queries, s^T for caption
-queries) instead of the cosine of pooled embeddings.
+queries) instead of the cosine of pooled embeddings; `--scoring tokenwise-mean` ranks both directions
+with (s^I + s^T) / 2, as the FILIP paper scores a pair.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mm-shards coco writes them, else one per line of the txt) or a CLIP_benchmark WebDataset "
                         "root (<split>/nshards.txt, <split>/0.tar ...)")
     p.add_argument("--split", default=None, help="the split of a CLIP_benchmark root (default test)")
-    p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
+    p.add_argument("--scoring", choices=("pooled", "tokenwise", "tokenwise-mean"), default="pooled",
                    help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
-                        "similarities (FILIP exports only)")
+                        "similarities, s^I for image queries and s^T for caption queries (FILIP exports only); "
+                        "tokenwise-mean: (s^I + s^T) / 2 for both (FILIP exports only)")
     p.add_argument("--ks", default="1,5,10", help="comma-separated k values (default 1,5,10)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     loaded = load_eval_model(args)
     loaded.model.to(runtime.device)
-    if args.scoring == "tokenwise" and not hasattr(loaded.model, "encode_image_tokens"):
+    if args.scoring != "pooled" and not hasattr(loaded.model, "encode_image_tokens"):
         raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
     for run, urls, cb in todo:
         _evaluate_dataset(args, run, urls, cb, ks, loaded, runtime)
@@ -213,11 +215,14 @@ def _evaluate_dataset(args: argparse.Namespace, run: DatasetRun, urls: Any, cb: 
     loader = retrieval_batches(preprocess, urls, args.batch_size, args.workers)
     batches = progress(loader, f"retrieval {run.name}")
     with runtime.autocast():
-        if args.scoring == "tokenwise":
+        if args.scoring != "pooled":
             s_i2t, s_t2i, text_to_image = retrieval_token_scores(model, tokenizer, batches, runtime.device)
         else:
             image_emb, text_emb, text_to_image = retrieval_embeddings(model, tokenizer, batches, runtime.device)
-    if args.scoring == "tokenwise":
+    if args.scoring == "tokenwise-mean":
+        both = (s_i2t + s_t2i) / 2
+        metrics = recall_from_scores(both, both, text_to_image, ks)
+    elif args.scoring == "tokenwise":
         metrics = recall_from_scores(s_i2t, s_t2i, text_to_image, ks)
     else:
         metrics = retrieval_recall(image_emb, text_emb, text_to_image, ks)

@@ -29,7 +29,7 @@ TEMPLATE_FIELDS = {
              "or the file stem",
     "pretrained": "the weights' file stem (--pretrained, --checkpoint) or the model folder's name",
     "task": "zeroshot_classification, zeroshot_retrieval or compositional",
-    "scoring": "pooled or tokenwise",
+    "scoring": "pooled, tokenwise or tokenwise-mean",
 }
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
 

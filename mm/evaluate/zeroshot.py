@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in set (shapes, cifar10, cifar100, imagenet) or a file, one template with {} "
                         "per line (default: a CLIP_benchmark root's zeroshot_classification_templates.txt, else "
                         "the built-in set named by --classnames if there is one, else shapes)")
-    p.add_argument("--scoring", choices=("pooled", "tokenwise"), default="pooled",
+    p.add_argument("--scoring", choices=("pooled", "tokenwise", "tokenwise-mean"), default="pooled",
                    help="pooled: cosine of pooled embeddings (every model); tokenwise: FILIP's token-wise "
-                        "late-interaction score, averaged over templates (FILIP models)")
+                        "late-interaction score s^I (image->text), averaged over templates (FILIP models); "
+                        "tokenwise-mean: (s^I + s^T) / 2, both directions as the FILIP paper (FILIP models)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     add_output_arguments(p)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     loaded = load_eval_model(args)
     loaded.model.to(runtime.device)
-    if args.scoring == "tokenwise" and not hasattr(loaded.model, "encode_image_tokens"):
+    if args.scoring != "pooled" and not hasattr(loaded.model, "encode_image_tokens"):
         raise UserError(f"{loaded.source}: token-wise scoring needs a FILIP model, this is {loaded.task!r}")
     for run, kind, labels in todo:
         _evaluate_dataset(args, run, kind, labels, loaded, runtime)

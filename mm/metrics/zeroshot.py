@@ -118,22 +118,29 @@ def tokenwise_classifier_tokens(model: torch.nn.Module, tokenizer: Callable, cla
 
 @torch.no_grad()
 def tokenwise_logits(image_tokens: torch.Tensor, image_mask: torch.Tensor, class_tokens: torch.Tensor,
-                     class_mask: torch.Tensor, n_classes: int, chunk_size: int | None = None) -> torch.Tensor:
-    """(B, n_classes) = 100 x mean over templates of s^I(image, filled template).
+                     class_mask: torch.Tensor, n_classes: int, chunk_size: int | None = None,
+                     both_halves: bool = False) -> torch.Tensor:
+    """(B, n_classes) = 100 x mean over templates of s^I(image, filled template), or with `both_halves`
+    of (s^I + s^T) / 2.
 
     FILIP's prompt ensemble for token-wise scoring: token features of different prompts cannot be
     averaged into one class embedding the way CLIP averages sentence embeddings, so each image is
     scored against every filled template with the image->text token-wise similarity s^I (mean over
     image patches of the best-matching prompt token) and the scores are averaged over templates.
+    `both_halves` adds the text->image half s^T (mean over prompt tokens of the best-matching patch), as
+    the FILIP loss averages its two directions: a class named by one small object is then also scored
+    by how well that object's words find a patch, not only by how well every patch finds a word.
     """
-    s_i2t, _ = filip_similarity(image_tokens.float(), image_mask, class_tokens, class_mask, chunk_size=chunk_size)
-    return 100.0 * s_i2t.view(s_i2t.shape[0], n_classes, -1).mean(2)
+    s_i2t, s_t2i = filip_similarity(image_tokens.float(), image_mask, class_tokens, class_mask,
+                                    chunk_size=chunk_size)
+    s = (s_i2t + s_t2i) / 2 if both_halves else s_i2t
+    return 100.0 * s.view(s.shape[0], n_classes, -1).mean(2)
 
 
 @torch.no_grad()
 def tokenwise_predictions(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
-                          classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          classnames: list[str], templates: list[str], device: torch.device | str = "cpu",
+                          both_halves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """FILIP token-wise logits (see `tokenwise_logits`) and labels; `model` exposes
     encode_image_tokens / encode_text_tokens."""
     was_training = model.training
@@ -146,7 +153,8 @@ def tokenwise_predictions(model: torch.nn.Module, tokenizer: Callable, batches: 
             img, img_mask = model.encode_image_tokens(batch["image"].to(device, dtype))
             if batch.get("pad"):
                 continue
-            logits.append(tokenwise_logits(img, img_mask, class_tokens, class_mask, len(classnames)).cpu())
+            logits.append(tokenwise_logits(img, img_mask, class_tokens, class_mask, len(classnames),
+                                           both_halves=both_halves).cpu())
             labels.append(batch["label"])
         if not logits:  # a rank without a shard of the set
             return torch.zeros(0, len(classnames)), torch.zeros(0, dtype=torch.int64)
@@ -155,7 +163,18 @@ def tokenwise_predictions(model: torch.nn.Module, tokenizer: Callable, batches: 
         model.train(was_training)
 
 
-SCORINGS = {"pooled": zeroshot_predictions, "tokenwise": tokenwise_predictions}
+def tokenwise_mean_predictions(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
+                               classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokenwise_predictions` scored with both halves, (s^I + s^T) / 2 (the FILIP paper's choice)."""
+    return tokenwise_predictions(model, tokenizer, batches, classnames, templates, device, both_halves=True)
+
+
+# pooled: every model; tokenwise: s^I only; tokenwise-mean: (s^I + s^T) / 2. The token-wise ones need a
+# model with encode_image_tokens / encode_text_tokens (FILIP).
+SCORINGS = {"pooled": zeroshot_predictions, "tokenwise": tokenwise_predictions,
+            "tokenwise-mean": tokenwise_mean_predictions}
+TOKENWISE_SCORINGS = ("tokenwise", "tokenwise-mean")
 
 
 def zeroshot_counts(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
