@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda (DeepSpeed's accelerator follows it)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="bf16: the engine's bf16 weights; plain runs under bf16 autocast (open_clip's amp)")
+    ap.add_argument("--profile", default="", metavar="SIDE",
+                    help="instead of the table: cProfile --steps steps of SIDE after its warm-up step and print the "
+                         "functions by own time and by cumulative time (where a side's extra time goes)")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
 
@@ -83,7 +86,7 @@ def main() -> None:
         return task.build_model().train()
 
     steps = {}
-    for side in args.sides.split(","):
+    for side in (args.profile or args.sides).split(","):
         model = fresh_model().to(args.device)
         opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         if side == "plain":
@@ -111,6 +114,19 @@ def main() -> None:
                 return float(loss)
         steps[side] = step
 
+    if args.profile:
+        import cProfile
+        import pstats
+
+        steps[args.profile]()
+        prof = cProfile.Profile()
+        t, c = time.perf_counter(), time.process_time()
+        prof.runcall(lambda: [steps[args.profile]() for _ in range(args.steps)])
+        print(f"{args.profile}: {args.steps} steps, {time.perf_counter() - t:.3f} s wall, "
+              f"{time.process_time() - c:.3f} s CPU (under the profiler)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        return
     first = {side: step() for side, step in steps.items()}  # warm-up; also the same first loss everywhere
     wall: dict[str, list[float]] = {s: [] for s in steps}
     cpu: dict[str, list[float]] = {s: [] for s in steps}
