@@ -55,9 +55,7 @@ zeroshot() {  # task scoring: print the human line, keep the JSON record in the 
     --output "runs/demo-$1/zeroshot-$2.json" | grep "^zero-shot"
 }
 zeroshot clip pooled
-zeroshot filip pooled
 zeroshot filip tokenwise
-zeroshot structure_clip pooled
 zeroshot structure pooled
 compositional() {  # task: relation- and attribute-swap accuracy on the held-out scenes (chance 0.5)
   mm compositional --checkpoint "runs/demo-$1/export/model.safetensors" \
