@@ -174,7 +174,6 @@ def tokenwise_mean_predictions(model: torch.nn.Module, tokenizer: Callable, batc
 # model with encode_image_tokens / encode_text_tokens (FILIP).
 SCORINGS = {"pooled": zeroshot_predictions, "tokenwise": tokenwise_predictions,
             "tokenwise-mean": tokenwise_mean_predictions}
-TOKENWISE_SCORINGS = ("tokenwise", "tokenwise-mean")
 
 
 def zeroshot_counts(model: torch.nn.Module, tokenizer: Callable, batches: Iterable[dict],
