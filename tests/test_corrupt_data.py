@@ -78,8 +78,10 @@ def write_corrupt_set(shapes: dict, out: Path) -> str:
         elif content == "junk":
             path.write_bytes(b"this is not a tar archive " * 40)
         elif content == "truncated":
-            data = Path(shapes["train_shards"][5]).read_bytes()
-            path.write_bytes(data[: len(data) // 2])  # cut in the middle of a member
+            src = shapes["train_shards"][5]
+            with tarfile.open(src) as tar:  # cut in the middle of a member's data, half-way through the shard
+                member = tar.getmembers()[len(tar.getmembers()) // 2]
+            path.write_bytes(Path(src).read_bytes()[: member.offset_data + member.size // 2])
         else:
             write_tar(path, content)
     return f"{out}/bad-{{000000..{len(shards) - 1:06d}}}.tar"
