@@ -18,16 +18,11 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+from worker_process import run_worker, status_kib
 
 
 def worker(side: str, model_name: str, batch: int, steps: int) -> dict:
@@ -65,25 +60,19 @@ def worker(side: str, model_name: str, batch: int, steps: int) -> dict:
     torch.save(grads, os.environ["BENCH_GRADS"])
     del grads
     Path("/proc/self/clear_refs").write_text("5")
-    rss0 = _status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     timed = [step(False) for _ in range(steps)]
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"side": side, "loss": loss, "step_s": statistics.median(t[0] for t in timed),
             "cpu_s": statistics.median(t[1] for t in timed), "rss_mib": rss0 / 1024, "peak_mib": peak / 1024,
             "growth_mib": (peak - rss0) / 1024, "threads": torch.get_num_threads(), "image_size": size}
 
 
 def run_one(side: str, args: argparse.Namespace, grads: str) -> dict:
-    root = Path(__file__).resolve().parents[1]
-    # Large buffers straight from mmap: freed memory goes back to the OS, so VmHWM is the real peak.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1", BENCH_GRADS=grads)
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    spec = [side, args.model, args.batch, args.steps]
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                         text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{side}: exit {out.returncode} {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = run_worker(__file__, [side, args.model, args.batch, args.steps], {"BENCH_GRADS": grads})
+    if "error" in row:
+        raise SystemExit(f"{side}: {row['error']}")
+    return row
 
 
 def main() -> None:

@@ -29,11 +29,10 @@ import argparse
 import json
 import math
 import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from worker_process import run_worker, status_kib
 
 NAIVE_PEAK_FACTOR = 5  # naive peak ~= this many copies of the dense S (S, 2 masked copies, 2 grads)
 FULL_SIZES = "64x49x32,256x49x32,1024x49x32,64x196x77"
@@ -53,10 +52,6 @@ def naive_loss(v, vm, t, tm, scale):
     s_t2i = torch.where(tm[None], best_img, 0).sum(2) / tm.sum(1)[None, :]
     labels = torch.arange(v.shape[0])
     return (F.cross_entropy(scale * s_i2t, labels) + F.cross_entropy(scale * s_t2i.T, labels)) / 2
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def worker(method: str, b: int, ni: int, nt: int, d: int, repeats: int, chunk: int | None) -> dict:
@@ -88,22 +83,15 @@ def worker(method: str, b: int, ni: int, nt: int, d: int, repeats: int, chunk: i
     step(*make_inputs(2))
     inputs = make_inputs(b)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    rss0 = _status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     first = step(*inputs)
-    peak_kib = _status_kib("VmHWM") - rss0
+    peak_kib = status_kib("VmHWM") - rss0
     times = [step(*inputs) for _ in range(repeats)] or [first]
     return {"time_s": min(times), "first_s": first, "peak_mib": peak_kib / 1024}
 
 
 def run_one(method: str, b: int, ni: int, nt: int, d: int, repeats: int, chunk: int | None) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    cmd = [sys.executable, __file__, "--worker", json.dumps([method, b, ni, nt, d, repeats, chunk])]
-    out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, [method, b, ni, nt, d, repeats, chunk])
 
 
 def largest_batch(points: list[tuple[int, float]], budget_mib: float) -> float | None:

@@ -31,20 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from worker_process import run_worker, status_kib
+
 MODES = ("topolora", "full", "topolora-ckpt")
 QUICK = {"variant": "custom", "image_size": 64, "steps": 2}
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def build(mode: str, variant: str, image_size: int):
@@ -95,10 +89,10 @@ def worker(mode: str, variant: str, image_size: int, batch: int, steps: int, thr
         return time.perf_counter() - start, time.process_time() - cpu
 
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS mark := the RSS with the model built
-    rss0 = _status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     first = step()[0]
     timed = [step() for _ in range(steps)]
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     times, cpu = [t for t, _ in timed], [c for _, c in timed]
     return {"mode": mode, "params": params, "trainable": trainable, "first_s": first,
             "step_s": statistics.median(times), "best_s": min(times), "steps_s": times,
@@ -109,14 +103,8 @@ def worker(mode: str, variant: str, image_size: int, batch: int, steps: int, thr
 
 
 def run_one(mode: str, variant: str, image_size: int, batch: int, steps: int, threads: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    cmd = [sys.executable, __file__, "--worker", json.dumps([mode, variant, image_size, batch, steps, threads])]
-    out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"mode": mode, "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = run_worker(__file__, [mode, variant, image_size, batch, steps, threads])
+    return {"mode": mode, **row} if "error" in row else row
 
 
 def _pool(a: dict, b: dict) -> dict:
