@@ -80,7 +80,8 @@ def write_corrupt_set(shapes: dict, out: Path) -> str:
         elif content == "truncated":
             src = shapes["train_shards"][5]
             with tarfile.open(src) as tar:  # cut in the middle of a member's data, half-way through the shard
-                member = tar.getmembers()[len(tar.getmembers()) // 2]
+                members = tar.getmembers()
+            member = members[len(members) // 2]
             path.write_bytes(Path(src).read_bytes()[: member.offset_data + member.size // 2])
         else:
             write_tar(path, content)
