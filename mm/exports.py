@@ -2,8 +2,10 @@
 
 An export's metadata names its task (`mm_task`), holds the resolved run config as JSON (`mm_config`),
 the step (`mm_step`) and its kind (`mm_export`: `full`, every weight; `trainable`, only what trained,
-completed on load from the base weights the task records). Building a model from an export needs the
-task registry and lives a floor up, in mm.tasks.load_exported; this module knows no task.
+completed on load from the base weights the task records), and how the launch that wrote it was started
+(`mm_command`: JSON with the command line, working directory and world size; absent in older exports).
+Building a model from an export needs the task registry and lives a floor up, in mm.tasks.load_exported;
+this module knows no task.
 """
 
 from __future__ import annotations

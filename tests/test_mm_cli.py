@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -127,6 +128,7 @@ def test_mm_train_under_the_deepspeed_launcher_on_two_ranks(shapes, tmp_path):
     train clip ...` per rank; both ranks train, rank 0 alone prints the result, the export loads."""
     import json
 
+    from mm.exports import read_export_metadata
     from mm.tasks import load_exported
 
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
@@ -147,3 +149,9 @@ def test_mm_train_under_the_deepspeed_launcher_on_two_ranks(shapes, tmp_path):
     assert state["world_size"] == 2 and state["task"] == "clip"
     task, cfg, _ = load_exported(out / "export/model.safetensors", expect_task="clip")
     assert cfg.train.steps == 2
+    # The run records the command the user typed (the launcher's, not a rank's), for the model card.
+    typed = shlex.join(["deepspeed", *cmd[1:]])
+    [launch] = [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
+    assert launch["command"] == typed and launch["world_size"] == 2 and launch["cwd"] == str(ROOT)
+    assert json.loads(read_export_metadata(out / "export/model.safetensors")["mm_command"]) == {
+        k: launch[k] for k in ("command", "cwd", "world_size")}

@@ -9,6 +9,7 @@ mm_task / mm_config / mm_step / mm_preprocess), from a model whose weights were 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import open_clip
@@ -198,3 +199,22 @@ def test_trained_run_end_to_end(shapes, tmp_path):
     acc1 = [r["zeroshot/acc1"] for r in records if "zeroshot/acc1" in r][-1]
     assert f"| loss | {loss:.6g} | 2 |" in card and f"| zeroshot/acc1 | {acc1:.6g} | 2 |" in card
     assert f"{run / 'config.yaml'} is the same config" in card and "steps: 2 (of train.steps = 2)" in card
+    # The exact command that trained it, and where it ran (relative paths in it are relative to that).
+    typed = shlex.join(["python", "-m", "mm", "train", "clip", "--config", "configs/clip/tiny.yaml",
+                        *[a for s in sets for a in ("--set", s)]])
+    assert f"ran, in `{ROOT}` with 1 rank(s):\n\n```sh\n{typed}\n```" in card
+    assert "launches (the run was resumed)" not in card  # one launch: no resume history to point at
+
+    # Resumed to step 3 by another command: the export's card shows that command and points at the history.
+    more = [*sets[:-1], "train.steps=3", sets[-1]]
+    proc = subprocess.run([sys.executable, "-m", "mm", "train", "clip", "--config", "configs/clip/tiny.yaml",
+                           *[a for s in more for a in ("--set", s)]], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launches = [json.loads(line) for line in (run / "launches.jsonl").read_text().splitlines()]
+    assert [r["resumed_from"] for r in launches] == [None, "step00000002"]
+    out2 = tmp_path / "oc2"
+    assert export_main([str(export), "--format", "open_clip", "--out", str(out2)]) == 0
+    card = (out2 / "README.md").read_text()
+    assert launches[1]["command"] in card and "train.steps=3" in launches[1]["command"]
+    assert f"{run / 'launches.jsonl'} records 2 launches" in card

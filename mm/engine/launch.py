@@ -162,6 +162,40 @@ def launcher_ancestors() -> list:
     return chain
 
 
+def _shown(cmdline: list[str]) -> list[str]:
+    """A process's command line as the user typed it: the interpreter as `python`, a console script
+    (deepspeed, torchrun, mm) run by it as its name; every argument kept."""
+    if not cmdline:
+        return []
+    first = os.path.basename(cmdline[0])
+    if re.fullmatch(r"python[\d.]*", first):
+        rest = cmdline[1:]
+        script = rest[0] if rest else ""
+        # A console script sits in the interpreter's bin folder: `deepspeed ...`, not `python /venv/bin/deepspeed`.
+        if script and os.path.isabs(script) and os.path.dirname(script) == os.path.dirname(cmdline[0]):
+            return [os.path.basename(script), *rest[1:]]
+        return ["python", *rest]
+    if os.path.isabs(cmdline[0]) and os.path.dirname(cmdline[0]) == os.path.dirname(sys.executable):
+        return [first, *cmdline[1:]]
+    return list(cmdline)
+
+
+def launch_command(world_size: int) -> dict[str, Any]:
+    """How this run was started, for the run directory and the export's model card: the outermost
+    launcher's command line (deepspeed, torchrun) or, without one (srun, mpirun, a single process),
+    this process's; the working directory that relative paths in it are relative to; the world size."""
+    import shlex
+
+    import psutil
+
+    chain = launcher_ancestors()
+    try:
+        cmdline = (chain[-1] if chain else psutil.Process()).cmdline()
+    except (psutil.Error, OSError):
+        cmdline = [sys.executable, *sys.argv]
+    return {"command": shlex.join(_shown(cmdline)), "cwd": os.getcwd(), "world_size": world_size}
+
+
 class GracefulStop:
     """SIGTERM handler and launcher watch for one train() call (a context manager).
 

@@ -25,7 +25,7 @@ from mm.errors import UserError
 
 LOCK_NAME = "run.lock"
 # What a run writes into its out_dir (besides the lock): set aside together by train.resume=false.
-RUN_FILES = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "config.yaml")
+RUN_FILES = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "config.yaml", "launches.jsonl")
 
 
 class RunLock:
@@ -184,10 +184,11 @@ def config_changes(old: dict, new: dict) -> dict[str, list[str]]:
 
 
 def prepare(out_dir: Path, cfg: Any, task_name: str, world_size: int, model_config: str, zero_stage: int,
-            lock: RunLock) -> tuple[str | None, list[str], list[str]]:
+            lock: RunLock, launch: dict[str, Any] | None = None) -> tuple[str | None, list[str], list[str]]:
     """Rank 0, before any training: lock out_dir, set an earlier run aside (train.resume=false) or pick
     the checkpoint to resume (the newest intact one, checked against this run's config), keep the
-    previous config.yaml if this one differs, write config.yaml.
+    previous config.yaml if this one differs, write config.yaml, append `launch` (how this launch was
+    started, mm.engine.launch.launch_command) with the step it starts from to launches.jsonl.
 
     Returns (tag to resume or None, message lines, the applied keys that change results). Raises
     UserError for a refusal, having written nothing."""
@@ -233,4 +234,9 @@ def prepare(out_dir: Path, cfg: Any, task_name: str, world_size: int, model_conf
     from mm.errors import write_text_atomic
 
     write_text_atomic(out_dir / "config.yaml", text)
+    if launch is not None:
+        record = {"started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                  "resumed_from": tag, **launch}
+        with open(out_dir / "launches.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
     return tag, lines, [item.split(" ", 1)[0] for item in applied]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from mm.config import config_json
 from mm.engine import checkpoint, run_dir
 from mm.engine.ds_config import build_ds_config
-from mm.engine.launch import GracefulStop, Preempted, init_distributed
+from mm.engine.launch import GracefulStop, Preempted, init_distributed, launch_command
 from mm.engine.logger import MetricsLogger
 from mm.engine.task import ContrastiveTask, Task, World
 from mm.errors import UserError
@@ -300,10 +300,12 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
 
     model_config = _model_config(cfg)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    problem, plan = "", (None, [])
+    problem, plan, launch = "", (None, []), {}
     if rank == 0:
         try:
-            tag, lines, applied = run_dir.prepare(out_dir, cfg, task.name, world, model_config, zero_stage, lock)
+            launch = launch_command(world)
+            tag, lines, applied = run_dir.prepare(out_dir, cfg, task.name, world, model_config, zero_stage, lock,
+                                                  launch)
             plan = (tag, applied)
             for line in lines:
                 print(line, file=sys.stderr, flush=True)
@@ -440,7 +442,7 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     plan = task.export_plan(engine.module)
     if rank == 0:
         meta = {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step),
-                "mm_export": "full" if plan.keys is None else "trainable"}
+                "mm_export": "full" if plan.keys is None else "trainable", "mm_command": json.dumps(launch)}
         # Full exports carry the plan's metadata too (the segmentation tasks' mm_data record).
         meta.update(plan.metadata)
         # The image transform the model trained with (open_clip's preprocess_cfg), for its evaluators.

@@ -42,6 +42,14 @@ def run_metrics(path: Path, step: int | None) -> dict[str, Any]:
     return last
 
 
+def _launch(meta: dict[str, str]) -> dict[str, Any]:
+    try:
+        launch = json.loads(meta.get("mm_command") or "{}")
+    except ValueError:
+        return {}
+    return launch if isinstance(launch, dict) and launch.get("command") else {}
+
+
 def _yaml_tree(path: Path) -> Any:
     import yaml
 
@@ -127,14 +135,21 @@ def model_card(export: Path, meta: dict[str, str], cfg_tree: dict[str, Any], *, 
         lines += ["Not known: the export does not sit in its run directory (no metrics.jsonl beside "
                   f"{export.parent}), so no metrics were recorded here."]
     lines += ["", "## Training command", ""]
-    if config_file:
-        lines += ["mm does not record the command line itself; the resolved run config stored in the export "
-                  f"(every key, as trained) is `{config_file}` in this folder, and this command reruns the same "
-                  "training:"]
+    launch = _launch(meta)
+    if launch:
+        lines += [f"The launch that wrote this export ran, in `{launch.get('cwd')}` with "
+                  f"{launch.get('world_size')} rank(s):", "", "```sh", str(launch.get("command")), "```", ""]
+        launches = run / "launches.jsonl" if run else None
+        if launches and launches.is_file():
+            n = sum(1 for line in launches.read_text().splitlines() if line.strip())
+            if n > 1:
+                lines += [f"The run directory's {launches} records {n} launches (the run was resumed); "
+                          "each line gives one launch's command and the checkpoint it resumed from.", ""]
     else:
-        lines += ["mm does not record the command line itself; the resolved run config stored in the export "
-                  "(every key, as trained) is below: saved as `training_config.yaml`, this command reruns the "
-                  "same training:"]
+        lines += ["This export does not record the command line (written before mm recorded it).", ""]
+    where = f"`{config_file}` in this folder" if config_file else "below, saved as `training_config.yaml`"
+    lines += [f"The resolved run config stored in the export (every key, as trained) is {where}; launched the "
+              "same way, this command reruns the same training:"]
     lines += ["", "```sh", f"mm train {task} --config training_config.yaml", "```", ""]
     if not config_file:
         lines += ["```yaml", yaml.safe_dump(cfg_tree, sort_keys=False).rstrip("\n"), "```", ""]
