@@ -30,26 +30,26 @@ from mm.errors import ConfigError, UserError, cli_main
 class Command:
     module: str  # imported only when the command runs, so `mm --help` stays fast
     help: str
-    alias: str = ""  # the console script of earlier versions
+    aliases: tuple[str, ...] = ()  # console scripts of the same command (the mm-* names of earlier versions)
 
 
 COMMANDS: dict[str, Command] = {
     "train": Command("mm.cli", "train a task on DeepSpeed: mm train <task> --config FILE"),
     "shards": Command("mm.data.cli", "write WebDataset shards (synthetic worlds, captions, COCO, "
-                                      "segmentation, named datasets)", "mm-shards"),
-    "zeroshot": Command("mm.evaluate.zeroshot", "zero-shot classification of labelled images", "mm-zeroshot"),
-    "retrieval": Command("mm.evaluate.retrieval", "image-text retrieval recall@k", "mm-retrieval"),
+                                      "segmentation, named datasets)", ("mm-shards",)),
+    "zeroshot": Command("mm.evaluate.zeroshot", "zero-shot classification of labelled images", ("mm-zeroshot",)),
+    "retrieval": Command("mm.evaluate.retrieval", "image-text retrieval recall@k", ("mm-retrieval",)),
     "compositional": Command("mm.evaluate.compositional", "SugarCrepe / ARO / shapes compositional accuracy",
-                             "mm-compositional"),
-    "segment": Command("mm.evaluate.segment", "segment images with a TopoLoRA-SAM export", "mm-segment"),
-    "export": Command("mm.evaluate.export", "convert an export to another format (--format sam: LoRA "
-                                            "merged into SAM weights)", "mm-merge-lora"),
+                             ("mm-compositional",)),
+    "segment": Command("mm.evaluate.segment", "segment images with a TopoLoRA-SAM export", ("mm-segment",)),
+    "export": Command("mm.evaluate.export", "convert an export for use outside mm (--format open_clip, peft "
+                                            "or sam)", ("mm-export", "mm-merge-lora")),
     "structure": Command("mm.tasks.structure_cli", "STRUCTURE preparation: cache features, select layers",
-                         "mm-structure"),
+                         ("mm-structure",)),
     "filip-heatmap": Command("mm.evaluate.heatmap", "heat map of a FILIP export's token-wise scores of a caption "
                                                     "over an image (PNG)"),
     "scenegraph": Command("mm.scenegraph.cli", "parse captions into scene graphs and show their hard negatives",
-                          "mm-scenegraph"),
+                          ("mm-scenegraph",)),
 }
 
 
@@ -201,7 +201,7 @@ def _strip_leading_local_rank(argv: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     width = max(len(n) for n in COMMANDS)
-    table = "\n".join(f"  {n:<{width}}  {c.help}" + (f" (alias {c.alias})" if c.alias else "")
+    table = "\n".join(f"  {n:<{width}}  {c.help}" + (f" (alias {', '.join(c.aliases)})" if c.aliases else "")
                       for n, c in COMMANDS.items())
     p = argparse.ArgumentParser(prog="mm", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="One data layer, one DeepSpeed engine, five trainers and their "

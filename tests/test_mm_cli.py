@@ -65,7 +65,7 @@ def test_a_command_whose_module_is_missing_says_so(monkeypatch, capsys):
 def test_console_scripts_are_mm_and_the_aliases_of_the_table():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts.pop("mm") == "mm.cli:mm_main"
-    aliases = {c.alias: c.module for c in COMMANDS.values() if c.alias}
+    aliases = {a: c.module for c in COMMANDS.values() for a in c.aliases}
     assert set(scripts) == set(aliases)
     for alias, target in scripts.items():
         # mm-merge-lora keeps its own argument order; its work is the `sam` format of `mm export`.

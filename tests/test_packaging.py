@@ -152,6 +152,17 @@ def installed(tmp_path_factory) -> Path:
     return site
 
 
+def test_console_scripts_of_the_installed_copy_run(installed, tmp_path):
+    """pip writes every [project.scripts] entry; mm-export (the issue's name for `mm export`) among them."""
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    for script, expect in (("mm-export", "--format {open_clip,peft,sam}"), ("mm", "export")):
+        path = installed / "bin" / script
+        assert path.is_file(), f"pip did not write {script}"
+        proc = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_deepspeed_module_mm_trains_from_an_installed_copy_in_another_directory(installed, shapes, tmp_path):
     """`deepspeed --module mm train clip --deepspeed ...` in a user's own directory, with the user's own config
     (no train.deepspeed_config: the default ZeRO-2 settings, though configs/ds/ is not there): it trains,
