@@ -2,9 +2,12 @@
 on the CPU scores as fp32 does on a briefly trained tiny CLIP), several --data per call with --output
 templates and --skip-existing, and the one-line refusals."""
 
+import io
 import json
 import os
+import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -142,9 +145,10 @@ def _one_line(capsys, fn, argv):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("fn", [zeroshot.main, retrieval.main])
-def test_cuda_without_a_gpu_is_one_line(fn, trained, tmp_path, capsys):
-    err = _one_line(capsys, fn, ["--model", trained["model"], "--data", trained["val"], "--device", "cuda",
+@pytest.mark.parametrize("fn, data", [(zeroshot.main, "--data"), (retrieval.main, "--data"),
+                                      (compositional.main, "--synthetic-shapes")])
+def test_cuda_without_a_gpu_is_one_line(fn, data, trained, tmp_path, capsys):
+    err = _one_line(capsys, fn, ["--model", trained["model"], data, trained["val"], "--device", "cuda",
                                  "--output", str(tmp_path / "x.json")])
     assert "no CUDA GPU" in err
     assert not (tmp_path / "x.json").exists()
@@ -184,6 +188,34 @@ def test_dataset_names_and_progress_totals(tmp_path):
     assert progress([1, 2, 3], "x").total == 3
     assert progress(iter([1, 2]), "x").total is None
     assert progress(iter([1, 2]), "x", total=2).total == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_commands_show_progress_bars_with_totals(trained, tmp_path, monkeypatch):
+    """On a terminal the commands draw tqdm bars whose total is the known size: batches of an image
+    folder (5 images in batches of 2: 3) and a SugarCrepe file's items (4)."""
+    from PIL import Image
+
+    names = ["circle", "circle", "circle", "square", "square"]
+    for i, name in enumerate(names):
+        (tmp_path / "folder" / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "folder" / name / f"{i}.png")
+    items = {str(i): {"filename": f"{names[i]}/{i}.png", "caption": f"a {names[i]}", "negative_caption": "a star"}
+             for i in range(4)}
+    (tmp_path / "swap_att.json").write_text(json.dumps(items))
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert zeroshot.main(["--model", trained["model"], "--data", str(tmp_path / "folder"), "--batch-size", "2",
+                          "--device", "cpu", "--output", str(tmp_path / "zs.json")]) == 0
+    assert compositional.main(["--model", trained["model"], "--sugarcrepe", str(tmp_path / "swap_att.json"),
+                               "--images", str(tmp_path / "folder"), "--batch-size", "2", "--device", "cpu",
+                               "--output", str(tmp_path / "comp.json")]) == 0
+    bars = sys.stderr.getvalue()
+    assert re.search(r"zero-shot folder: +\d+%.*\| ?[0-3]/3 ", bars), bars
+    assert re.search(r"swap_att.json: +\d+%.*\| ?[0-4]/4 ", bars), bars
 
 
 @pytest.mark.gpu
