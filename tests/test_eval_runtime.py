@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from safetensors.torch import save_file
 
 from mm.evaluate import compositional, retrieval, segment, zeroshot
 from mm.evaluate.runtime import autocast, dataset_name, pick_device, pick_precision, progress
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ARCH = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
@@ -75,6 +78,20 @@ def test_bf16_on_the_cpu_scores_as_fp32(trained, tmp_path):
     # auto on the CPU is fp32: the same numbers exactly.
     auto = _zeroshot(common, tmp_path, "auto.json")
     assert auto["precision"] == "fp32" and auto["metrics"] == fp32["metrics"]
+
+
+@pytest.mark.parametrize("task", ["clip", "filip", "structure_clip"])
+def test_bf16_on_the_cpu_scores_as_fp32_on_the_demos_val_set(task, tmp_path):
+    """The demo's own exports (scripts/demo.sh) on its 240-image val set, where the demo has been run."""
+    export, val = ROOT / f"runs/demo-{task}/export/model.safetensors", ROOT / "data/demo/val/shapes-000000.tar"
+    if not (export.is_file() and val.is_file()):
+        pytest.skip("the demo has not been run here (scripts/demo.sh writes runs/demo-* and data/demo)")
+    common = ["--checkpoint", str(export), "--data", str(val), "--classnames", "shapes", "--templates", "shapes",
+              "--device", "cpu"]
+    fp32 = _zeroshot([*common, "--precision", "fp32"], tmp_path, "fp32.json")
+    bf16 = _zeroshot([*common, "--precision", "bf16"], tmp_path, "bf16.json")
+    assert fp32["metrics"]["n_images"] == bf16["metrics"]["n_images"] == 240
+    assert abs(bf16["metrics"]["acc1"] - fp32["metrics"]["acc1"]) <= 0.01
 
 
 def test_autocast_really_runs_bf16_on_the_cpu():
