@@ -342,7 +342,7 @@ class Loader:
         n_local = max(1, spec.num_workers)
         stream = _Stream(spec, dict(self.positions), self.batches % n_local, Counter())
         stream.initial_bad = {w: Counter(c) for w, c in self.bad.items()}
-        self.loader = DataLoader(stream, batch_size=None, num_workers=spec.num_workers,
+        self.loader = DataLoader(stream, batch_size=None, num_workers=spec.num_workers, collate_fn=_as_collated,
                                  persistent_workers=False, prefetch_factor=4 if spec.num_workers else None)
 
     def __iter__(self) -> Iterator[dict]:
@@ -383,6 +383,12 @@ class Loader:
     def state_dict(self) -> dict:
         return {"batches": self.batches, "positions": dict(self.positions), "bad": dict(self.bad),
                 "good": self.good}
+
+
+def _as_collated(batch: dict) -> dict:
+    # The stream yields batches its collate already built; DataLoader's default (default_convert) would
+    # walk every list of keys and metadata of every batch again for numpy arrays that are never there.
+    return batch
 
 
 def default_collate(samples: list[dict]) -> dict[str, Any]:
