@@ -10,7 +10,8 @@ Sides (one process, one rank; every side starts from the same initial weights):
   at accum_freq 1 without a scaler;
 - zero1, zero2, zero3: ClipTask.losses(engine, batch, step), engine.backward, engine.step, with the
   DeepSpeed config mm builds from configs/ds/zeroN.json (build_ds_config: gradient clipping --clip),
-  the optimizer and param groups mm's engine makes (torch AdamW, no decay on gains and biases).
+  the optimizer and param groups mm's engine makes (make_optimizer: torch's fused AdamW where the
+  parameters allow it; no decay on gains and biases).
 
 Passes alternate the sides (--repeats passes of --steps steps after a warm-up step per side), so load
 from other processes falls on all of them; the table gives medians of the step's wall time and of the
@@ -57,7 +58,7 @@ def main() -> None:
     from mm.config import load_config
     from mm.engine.ds_config import build_ds_config
     from mm.engine.launch import init_distributed
-    from mm.engine.trainer import param_groups
+    from mm.engine.trainer import make_optimizer, param_groups
     from mm.losses.contrastive import clip_loss
     from mm.models.clip import clip_outputs
     from mm.tasks import TASKS
@@ -88,8 +89,9 @@ def main() -> None:
     steps = {}
     for side in (args.profile or args.sides).split(","):
         model = fresh_model().to(args.device)
-        opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         if side == "plain":
+            opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
             def step(model=model, opt=opt) -> float:
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
@@ -102,6 +104,7 @@ def main() -> None:
         else:
             ds = build_ds_config(str(ROOT / f"configs/ds/{side}.json"), args.batch, 1, args.clip, args.precision, 1,
                                  args.device == "cuda")
+            opt = make_optimizer(param_groups(model, o.weight_decay), o, ds)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
             engine.train()
 

@@ -61,3 +61,21 @@ def test_falls_back_to_torch_adamw_in_one_line(monkeypatch, capsys):
     assert type(opt) is torch.optim.AdamW
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "c++: not found" in err and "torch's AdamW" in err
+
+
+def test_torch_adamw_is_fused_and_steps_as_the_plain_one():
+    """Without offload, mm's AdamW is torch's fused kernel (ZeRO hands it one flat tensor per group, which
+    the op-by-op AdamW streams through memory several times a step): the same update as torch's default."""
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, betas=[0.9, 0.98], eps=1e-6)
+    a, b = model(), model()
+    opt_a = make_optimizer(param_groups(a, cfg.weight_decay), cfg, ds("zero1.json"))
+    assert opt_a.defaults["fused"] is True
+    opt_b = torch.optim.AdamW(param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
