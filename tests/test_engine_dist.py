@@ -87,3 +87,10 @@ def test_segmentation_validation_on_two_ranks_equals_the_whole_set_on_one(sharde
     _same(r["trainer_eval"], r["whole"])
     assert r["sharded_per_rank"][0] == r["sharded_per_rank"][1]
     assert r["forwards_per_rank"][0] == r["forwards_per_rank"][1] >= 5
+    # At native resolution (data.crop_mode patch, tiled as mm segment tiles): rank 0's 22 images need
+    # more forwards (2 each) than rank 1's 14, and rank 1 pads up to them.
+    r = sharded_eval["unet_native"]
+    assert r["whole"]["val/n_images"] == 36
+    _same(r["sharded"], r["whole"])
+    assert r["sharded_per_rank"][0] == r["sharded_per_rank"][1]
+    assert r["forwards_per_rank"][0] == r["forwards_per_rank"][1] >= 44

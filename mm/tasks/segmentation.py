@@ -264,7 +264,7 @@ def evaluate_segmentation(model: torch.nn.Module, cfg: Any, threshold: float = 0
     if world.size > 1:
         share_rank0_buffers(model)
     if cfg.data.crop_mode == "patch":
-        return evaluate_native(model, cfg, threshold)
+        return evaluate_native(model, cfg, threshold, world)
     was_training = model.training
     model.eval()
     p = next(model.parameters())
@@ -288,12 +288,14 @@ def evaluate_segmentation(model: torch.nn.Module, cfg: Any, threshold: float = 0
 
 
 @torch.no_grad()
-def evaluate_native(model: torch.nn.Module, cfg: Any, threshold: float = 0.5) -> dict[str, float]:
+def evaluate_native(model: torch.nn.Module, cfg: Any, threshold: float = 0.5, world: World = ONE_RANK
+                    ) -> dict[str, float]:
     """Validation at native resolution: each cfg.data.val image whole, tiled at model.image_size with
     mm.models.tiling.tile_logits (Gaussian blend, data.val_overlap, eval.batch_size tiles a call), the
-    code and defaults `mm segment` runs; prediction outside the field of view is background. Every rank
-    evaluates the whole set: the number of tiles differs per image, so ranks would not stay in lockstep
-    on their own shards (ZeRO-3 needs the same forward passes on every rank)."""
+    code and defaults `mm segment` runs; prediction outside the field of view is background. Each rank
+    of `world` segments its own shards; the per-image results of all ranks are pooled."""
+    import torch.distributed as tdist
+
     was_training = model.training
     model.eval()
     p = next(model.parameters())
@@ -301,10 +303,20 @@ def evaluate_native(model: torch.nn.Module, cfg: Any, threshold: float = 0.5) ->
     size = cfg.model.image_size
     weights = blend_weights(size, "gaussian").to(p.device)
 
+    def any_rank_busy(busy: bool) -> bool:
+        # ZeRO-3 gathers parameters inside every forward, so every rank must run as many forwards as the
+        # busiest one; images differ in tile count, so the ranks agree before each forward.
+        flag = torch.tensor([float(busy)], device=p.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def predict(x: torch.Tensor) -> torch.Tensor:
+        if world.size > 1:
+            any_rank_busy(True)
         return model(x.to(p.device, p.dtype)).float()
 
-    loader = stream_from_config(cfg.data, "val", native_sample_map, seed=cfg.train.seed, eval_batch_size=1)
+    loader = stream_from_config(cfg.data, "val", native_sample_map, seed=cfg.train.seed, rank=world.rank,
+                                world_size=world.size, eval_batch_size=1)
     per_image = []
     for batch in loader:
         logits = tile_logits(predict, batch["image"][0].to(p.device), size, mean, std, cfg.data.val_overlap,
@@ -312,6 +324,12 @@ def evaluate_native(model: torch.nn.Module, cfg: Any, threshold: float = 0.5) ->
         fov = batch["valid"][0].numpy()
         prob = np.where(fov, logits.sigmoid().cpu().numpy(), 0.0)
         per_image.append(segmentation_metrics(prob > threshold, batch["mask"][0].numpy(), fov))
+    if world.size > 1:
+        while any_rank_busy(False):  # this rank's images are done: padding forwards until every rank's are
+            model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        everyone: list[Any] = [None] * world.size
+        tdist.all_gather_object(everyone, per_image)
+        per_image = [m for part in everyone for m in part]
     model.train(was_training)
     return _pooled(per_image)
 

@@ -1,6 +1,7 @@
 """Run by tests/test_engine_dist.py under `torchrun --nproc_per_node 2`: training-time evaluation sharded
 over the ranks. CLIP and FILIP under ZeRO-3 and the U-Net each train one step, then evaluate on their
-own shards of a val set in lockstep (the trainer's final evaluation); the same model evaluated on the
+own shards of a val set in lockstep (the trainer's final evaluation; the U-Net also at native
+resolution, tiled); the same model evaluated on the
 whole set by every rank alone (World(0, 1), the earlier behaviour) is the reference. Writes results.json.
 
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/dist/eval_shard_check.py \
@@ -82,6 +83,20 @@ def main(train_shards: str, val: str, one_val: str, out: str) -> None:
                        "whole": evaluate_segmentation(module, cfg, world=alone),
                        "forwards_per_rank": gather(sharded_calls), "sharded_per_rank": gather(sharded),
                        "zero_stage": res["engine"].zero_optimization_stage()}
+    # Native resolution (crop_mode patch), tiled like mm segment: 48 px images in 4 tiles of 32 px, 2 tiles
+    # a forward; 3 shards of 14, 14 and 8 images, so the ranks' forward counts differ before padding.
+    if dist.get_rank() == 0:
+        from mm.data.synthetic import write_shapes_world
+
+        write_shapes_world(Path(out, "val48"), 36, image_size=48, seed=3, balanced=True, shard_size=14)
+    dist.barrier()
+    cfg.data.crop_mode, cfg.model.image_size, cfg.eval.batch_size = "patch", 32, 2
+    cfg.data.val = f"{out}/val48/shapes-{{000000..000002}}.tar"
+    calls[0] = 0
+    sharded = evaluate_segmentation(module, cfg)
+    sharded_calls = calls[0]
+    results["unet_native"] = {"sharded": sharded, "whole": evaluate_segmentation(module, cfg, world=alone),
+                              "forwards_per_rank": gather(sharded_calls), "sharded_per_rank": gather(sharded)}
     if dist.get_rank() == 0:
         Path(out, "results.json").write_text(json.dumps(results))
 
