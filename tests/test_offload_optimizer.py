@@ -24,6 +24,20 @@ def model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
 
 
+def _same_steps_as_torch_adamw(a: torch.nn.Module, opt_a: torch.optim.Optimizer, b: torch.nn.Module,
+                               cfg: OptimConfig, rtol: float, atol: float) -> None:
+    """Three steps of `opt_a` on `a` and of torch's default AdamW on the twin `b` end at the same weights."""
+    opt_b = torch.optim.AdamW(param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol)
+
+
 def test_only_the_offload_configs_offload():
     assert offloads_optimizer(ds("zero2_offload.json")) and offloads_optimizer(ds("zero3_offload.json"))
     assert not any(offloads_optimizer(ds(f"zero{s}.json")) for s in (1, 2, 3))
@@ -38,15 +52,7 @@ def test_cpu_adam_steps_as_torch_adamw(capsys):
     if type(opt_a) is torch.optim.AdamW:
         pytest.skip(f"DeepSpeed's cpu_adam op does not build here: {capsys.readouterr().err.strip()}")
     assert type(opt_a).__name__ == "DeepSpeedCPUAdam"
-    opt_b = torch.optim.AdamW(param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    x = torch.randn(8, 16)
-    for _ in range(3):
-        for m, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            m(x).square().mean().backward()
-            opt.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    _same_steps_as_torch_adamw(a, opt_a, b, cfg, rtol=1e-5, atol=1e-6)
 
 
 def test_falls_back_to_torch_adamw_in_one_line(monkeypatch, capsys):
@@ -70,12 +76,4 @@ def test_torch_adamw_is_fused_and_steps_as_the_plain_one():
     a, b = model(), model()
     opt_a = make_optimizer(param_groups(a, cfg.weight_decay), cfg, ds("zero1.json"))
     assert opt_a.defaults["fused"] is True
-    opt_b = torch.optim.AdamW(param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    x = torch.randn(8, 16)
-    for _ in range(3):
-        for m, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            m(x).square().mean().backward()
-            opt.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    _same_steps_as_torch_adamw(a, opt_a, b, cfg, rtol=1e-6, atol=1e-7)
