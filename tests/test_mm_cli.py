@@ -138,7 +138,8 @@ def test_mm_train_under_the_deepspeed_launcher_on_two_ranks(shapes, tmp_path):
     sets = [f"data.train={shapes['train']}", "train.steps=2", "data.batch_size=4", "data.num_workers=0",
             "eval.zeroshot_data=", f"train.out_dir={out}", "model.arch.vision_cfg.layers=1",
             "model.arch.text_cfg.layers=1"]
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "mm", "train", "clip",
+    port = _free_port()
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "mm", "train", "clip",
            "--config", "configs/clip/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -155,3 +156,5 @@ def test_mm_train_under_the_deepspeed_launcher_on_two_ranks(shapes, tmp_path):
     assert launch["command"] == typed and launch["world_size"] == 2 and launch["cwd"] == str(ROOT)
     assert json.loads(read_export_metadata(out / "export/model.safetensors")["mm_command"]) == {
         k: launch[k] for k in ("command", "cwd", "world_size")}
+    # DeepSpeed's CPU all-reduce buffers (66 MB of /dev/shm per rank) do not outlive the run.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
