@@ -22,7 +22,6 @@ from mm.engine.launch import GracefulStop, Preempted, init_distributed, launch_c
 from mm.engine.logger import MetricsLogger
 from mm.engine.task import ContrastiveTask, Task, World
 from mm.errors import UserError
-from mm.models.clip import export_preprocess_metadata
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -447,10 +446,8 @@ def _train(task: Task, cfg: Any, lock: run_dir.RunLock, stop: GracefulStop) -> d
     if rank == 0:
         meta = {"mm_task": task.name, "mm_config": config_json(cfg), "mm_step": str(step),
                 "mm_export": "full" if plan.keys is None else "trainable", "mm_command": json.dumps(launch)}
-        # Full exports carry the plan's metadata too (the segmentation tasks' mm_data record).
+        # The task's own records: the segmentation tasks' mm_data, an open_clip model's preprocess_cfg.
         meta.update(plan.metadata)
-        # The image transform the model trained with (open_clip's preprocess_cfg), for its evaluators.
-        meta.update(export_preprocess_metadata(engine.module))
         with checkpoint.safe_loading():  # the export reads the checkpoint files again
             checkpoint.export_safetensors(out_dir, last_tag, export_path, meta, frozen, plan.keys)
     dist.barrier()

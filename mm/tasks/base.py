@@ -13,6 +13,7 @@ from mm import dist
 from mm.config import RunConfig
 from mm.data.loader import Loader, check_local_shards
 from mm.engine.task import ONE_RANK, Batches, ExportPlan, World
+from mm.models.clip import export_preprocess_metadata
 
 
 class TaskBase:
@@ -52,9 +53,10 @@ class TaskBase:
         return {}
 
     def export_plan(self, model: torch.nn.Module) -> ExportPlan:
-        """Every weight, by default. A task whose model is mostly frozen pretrained weights may export
-        only what trains, with metadata naming the base weights (see build_export_base)."""
-        return ExportPlan()
+        """Every weight, by default, with the image transform an open_clip model inside trained with
+        (its preprocess_cfg, for the evaluators). A task whose model is mostly frozen pretrained weights
+        may export only what trains, with metadata naming the base weights (see build_export_base)."""
+        return ExportPlan(metadata=export_preprocess_metadata(model))
 
     def build_export_base(self, meta: dict[str, str], path: str,
                           base_checkpoint: str | None = None) -> torch.nn.Module:
