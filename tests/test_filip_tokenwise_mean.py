@@ -2,6 +2,7 @@
 checked against pair-by-pair loops over a tiny FILIP export's own tokens."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,23 @@ def _pair(v: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     return sim.max(1).values.mean().item(), sim.max(0).values.mean().item()
 
 
+def _mean(s_i: float, s_t: float) -> float:
+    return (s_i + s_t) / 2
+
+
+def _class_sums(img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
+                n_classes: int, n_templates: int, score: Callable[[float, float], float]) -> torch.Tensor:
+    """(images, classes): per image and class, the sum over the class's templates (text rows
+    c * n_templates + t) of score(s^I, s^T), computed pair by pair."""
+    out = torch.zeros(len(img), n_classes, dtype=torch.float64)
+    for i in range(len(img)):
+        for c in range(n_classes):
+            for t in range(n_templates):
+                row = c * n_templates + t
+                out[i, c] += score(*_pair(img[i][img_mask[i]], txt[row][txt_mask[row]]))
+    return out
+
+
 def test_both_halves_logits_equal_a_plain_reference():
     gen = torch.Generator().manual_seed(5)
     n_classes, n_templates = 4, 3
@@ -36,15 +54,8 @@ def test_both_halves_logits_equal_a_plain_reference():
     txt = torch.randn(n_classes * n_templates, 6, 8, generator=gen)
     txt_mask = torch.rand(n_classes * n_templates, 6, generator=gen) > 0.4
     txt_mask[:, 0] = True
-    want = torch.zeros(5, n_classes, dtype=torch.float64)
-    want_i = torch.zeros_like(want)
-    for i in range(5):
-        for c in range(n_classes):
-            for t in range(n_templates):
-                row = c * n_templates + t
-                s_i, s_t = _pair(img[i][img_mask[i]], txt[row][txt_mask[row]])
-                want[i, c] += 100.0 * (s_i + s_t) / 2 / n_templates
-                want_i[i, c] += 100.0 * s_i / n_templates
+    want = 100.0 * _class_sums(img, img_mask, txt, txt_mask, n_classes, n_templates, _mean) / n_templates
+    want_i = 100.0 * _class_sums(img, img_mask, txt, txt_mask, n_classes, n_templates, lambda s_i, _: s_i) / n_templates
     got = tokenwise_logits(img, img_mask, txt, txt_mask, n_classes, chunk_size=5, both_halves=True)
     assert torch.allclose(got.double(), want, atol=1e-4)
     # the default is still s^I alone
@@ -107,13 +118,7 @@ def test_zeroshot_cli_scores_by_the_mean_of_both_halves(filip_export, shapes, tm
     with torch.no_grad():
         img, img_mask = model.encode_image_tokens(batch["image"])
         txt, txt_mask = model.encode_text_tokens(tok([t.format(c) for c in classnames for t in templates]))
-    scores = torch.zeros(len(labels), len(classnames), dtype=torch.float64)
-    for i in range(len(labels)):
-        for c in range(len(classnames)):
-            for t in range(len(templates)):
-                row = c * len(templates) + t
-                s_i, s_t = _pair(img[i][img_mask[i]], txt[row][txt_mask[row]])
-                scores[i, c] += (s_i + s_t) / 2
+    scores = _class_sums(img, img_mask, txt, txt_mask, len(classnames), len(templates), _mean)
     want = classification_metrics(scores, labels, len(classnames))
     assert record["metrics"]["n_images"] == len(labels) == 2 * len(classnames)
     for k, v in want.items():
